@@ -1,0 +1,364 @@
+"""Typed run configuration: YAML file + ``key.sub=value`` overrides, validated at load time.
+
+Every default lives here and nowhere else. Rules that need the model shape or the world
+size (TP divides heads, PP divides layers, world = TP x PP x DP) are checked by
+:func:`validate_layout` once both are known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the key and the rule."""
+
+
+@dataclass
+class ModelConfig:
+    hf_config: str = ""
+    """Path to a Hugging Face ``config.json`` (or the directory holding it)."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Parameter dtype; bf16/fp16 keep fp32 main params in the optimizer."""
+    seed: int = 1234
+    vocab_pad_multiple: int = 128
+    """The vocabulary is padded to a multiple of this x TP, as Megatron-LM does."""
+    recompute_activations: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline rank (interleaved schedule); None = 1 chunk."""
+    data: int | None = None
+    """Data-parallel size; None = world size / (tensor x pipeline)."""
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    timeout_s: int = 600
+    """Collective timeout: a dead rank makes the others fail after this long."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1
+    prompts_per_step: int = 256
+    samples_per_prompt: int = 8
+    """Group size n of GRPO: responses sampled per prompt."""
+    mini_batch_prompts: int = 64
+    """Prompts per optimizer step; a training pass makes prompts_per_step / this many steps."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["grpo"] = "grpo"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    """> clip_eps_low turns on clip-higher (DAPO)."""
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.0
+    """KL-to-reference weight (low-variance k3 estimator); 0 needs no reference model."""
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.0
+    """Sampling temperature; the actor divides logits by it so log-probs match the sampler."""
+    top_p: float = 1.0
+    max_response_length: int = 2560
+
+
+@dataclass
+class DataConfig:
+    max_prompt_length: int = 1536
+    seed: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 0
+    """Save every this many iterations; 0 = only at the end when ``dir`` is set."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.train.prompts_per_step * self.train.samples_per_prompt
+
+    @property
+    def sequences_per_mini_batch(self) -> int:
+        return self.train.mini_batch_prompts * self.train.samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply ``key.sub=value`` overrides, validate.
+
+    Relative ``model.hf_config`` paths in a file are taken relative to that file.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        hf = raw.get("model", {}).get("hf_config") if isinstance(raw.get("model"), dict) else None
+        if isinstance(hf, str) and hf and not Path(hf).is_absolute():
+            raw["model"]["hf_config"] = str(Path(path).resolve().parent / hf)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown key {prefix}{key!r}{hint} (known: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} must be one of {', '.join(map(repr, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Rules that need nothing but the config itself."""
+    p, t, o, a = cfg.parallel, cfg.train, cfg.optimizer, cfg.algorithm
+    _require(bool(cfg.model.hf_config), "model.hf_config must name a Hugging Face config.json")
+    for key, value in [
+        ("parallel.tensor", p.tensor),
+        ("parallel.pipeline", p.pipeline),
+        ("train.iterations", t.iterations),
+        ("train.prompts_per_step", t.prompts_per_step),
+        ("train.samples_per_prompt", t.samples_per_prompt),
+        ("train.mini_batch_prompts", t.mini_batch_prompts),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("model.vocab_pad_multiple", cfg.model.vocab_pad_multiple),
+        ("parallel.timeout_s", p.timeout_s),
+        ("logging.log_interval", cfg.logging.log_interval),
+    ]:
+        _require(value >= 1, f"{key}={value} must be >= 1")
+    _require(
+        p.data is None or p.data >= 1, f"parallel.data={p.data} must be >= 1 (or null to derive)"
+    )
+    if p.virtual_pipeline is not None:
+        _require(p.virtual_pipeline >= 1, f"parallel.virtual_pipeline={p.virtual_pipeline} must be >= 1")
+        _require(
+            p.virtual_pipeline == 1 or p.pipeline > 1,
+            f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1",
+        )
+    _require(
+        not p.sequence_parallel or p.tensor > 1,
+        "parallel.sequence_parallel=true needs parallel.tensor > 1",
+    )
+    _require(
+        not p.overlap_param_gather or p.distributed_optimizer,
+        "parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true",
+    )
+    _require(
+        t.prompts_per_step % t.mini_batch_prompts == 0,
+        f"train.prompts_per_step={t.prompts_per_step} must be a multiple of "
+        f"train.mini_batch_prompts={t.mini_batch_prompts}",
+    )
+    _require(o.lr >= 0, f"optimizer.lr={o.lr} must be >= 0")
+    _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr]")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(o.clip_grad > 0, f"optimizer.clip_grad={o.clip_grad} must be > 0")
+    _require(0 <= o.adam_beta1 < 1, f"optimizer.adam_beta1={o.adam_beta1} must be in [0, 1)")
+    _require(0 <= o.adam_beta2 < 1, f"optimizer.adam_beta2={o.adam_beta2} must be in [0, 1)")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _require(0 <= a.clip_eps_low < 1, f"algorithm.clip_eps_low={a.clip_eps_low} must be in [0, 1)")
+    _require(
+        a.clip_eps_high >= a.clip_eps_low,
+        f"algorithm.clip_eps_high={a.clip_eps_high} must be >= algorithm.clip_eps_low",
+    )
+    _require(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    _require(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0")
+    _require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    _require(
+        cfg.rollout.max_response_length >= 1,
+        f"rollout.max_response_length={cfg.rollout.max_response_length} must be >= 1",
+    )
+    _require(
+        cfg.data.max_prompt_length >= 1,
+        f"data.max_prompt_length={cfg.data.max_prompt_length} must be >= 1",
+    )
+    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
+    _require(
+        cfg.checkpoint.interval == 0 or cfg.checkpoint.dir is not None,
+        "checkpoint.interval > 0 needs checkpoint.dir",
+    )
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """DP size for this world; checks world size = TP x PP x DP."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline
+    _require(
+        world_size % model_parallel == 0,
+        f"world size {world_size} must be divisible by parallel.tensor x parallel.pipeline "
+        f"= {p.tensor} x {p.pipeline}",
+    )
+    dp = world_size // model_parallel
+    _require(
+        p.data is None or p.data == dp,
+        f"parallel.data={p.data} but world size {world_size} = tensor {p.tensor} x pipeline "
+        f"{p.pipeline} x data {dp}",
+    )
+    return dp
+
+
+def validate_layout(cfg: Config, num_layers: int, num_heads: int, num_query_groups: int,
+                    world_size: int) -> int:
+    """Rules that need the model shape and the world size; returns the DP size."""
+    p, t = cfg.parallel, cfg.train
+    _require(
+        num_heads % p.tensor == 0,
+        f"parallel.tensor={p.tensor} must divide the model's num_attention_heads={num_heads}",
+    )
+    _require(
+        num_query_groups % p.tensor == 0,
+        f"parallel.tensor={p.tensor} must divide the model's num_key_value_heads="
+        f"{num_query_groups} (query groups)",
+    )
+    stages = p.pipeline * (p.virtual_pipeline or 1)
+    _require(
+        num_layers % stages == 0,
+        f"parallel.pipeline={p.pipeline} x parallel.virtual_pipeline={p.virtual_pipeline or 1} "
+        f"must divide the model's num_hidden_layers={num_layers}",
+    )
+    dp = data_parallel_size(cfg, world_size)
+    per_rank = t.micro_batch_size * dp
+    _require(
+        cfg.sequences_per_mini_batch % per_rank == 0,
+        f"a mini-batch of train.mini_batch_prompts x train.samples_per_prompt = "
+        f"{cfg.sequences_per_mini_batch} sequences must split into train.micro_batch_size="
+        f"{t.micro_batch_size} x data-parallel size {dp} (micro-batches x DP)",
+    )
+    if p.virtual_pipeline and p.virtual_pipeline > 1:
+        micro_batches = cfg.sequences_per_mini_batch // per_rank
+        _require(
+            micro_batches % p.pipeline == 0,
+            f"the interleaved schedule needs micro-batches per mini-batch ({micro_batches}) to be "
+            f"a multiple of parallel.pipeline={p.pipeline}",
+        )
+    return dp

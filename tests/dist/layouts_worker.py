@@ -1,0 +1,54 @@
+"""Run the actor under several parallel layouts in one torchrun launch (start-up dominates
+the cost on CPU). Rank 0 saves each layout's results for the tests to compare.
+
+Usage: torchrun --nproc_per_node N layouts_worker.py SPEC.json
+SPEC: {"base": [overrides], "layouts": {name: [overrides]}, "state": path, "batch": path,
+       "out": dir}
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.actor import Actor
+from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.config import load_config
+from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.models.arch import read_hf_config
+from sfpo_megatron.models.gpt import build_model
+from sfpo_megatron.models.sharding import gather_full_state, load_full_state
+from sfpo_megatron.optim import build_optimizer
+
+
+def run_layout(overrides, state, batch_data):
+    cfg = load_config(None, overrides)
+    init_distributed(cfg)
+    arch = read_hf_config(cfg.model.hf_config)
+    chunks = build_model(cfg, arch)
+    load_full_state(chunks, state)
+    actor = Actor(cfg, arch, chunks, *build_optimizer(cfg, chunks))
+    batch = PolicyBatch(**batch_data)
+    logprobs, entropy = actor.forward_logprobs(PolicyBatch(batch.tokens, batch.response_mask))
+    metrics = actor.train_pass(batch)
+    after = gather_full_state(chunks, arch.vocab_size)
+    return {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "state": after}
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    state = torch.load(spec["state"])
+    batch_data = torch.load(spec["batch"])
+    out = Path(spec["out"])
+    for name, overrides in spec["layouts"].items():
+        result = run_layout(spec["base"] + overrides, state, batch_data)
+        if dist.get_rank() == 0:
+            torch.save(result, out / f"{name}.pt")
+        dist.barrier()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
