@@ -13,9 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    from sfpo_megatron.models.arch import ModelArch
 
 
 class ConfigError(ValueError):
@@ -183,8 +186,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown key {prefix}{key!r}{hint} (known: {', '.join(fields)})")
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown key '{prefix}{key}'{hint} (known: {', '.join(fields)})")
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -309,7 +312,7 @@ def validate(cfg: Config) -> None:
     )
 
 
-def data_parallel_size(cfg: Config, world_size: int) -> int:
+def _data_parallel_size(cfg: Config, world_size: int) -> int:
     """DP size for this world; checks world size = TP x PP x DP."""
     p = cfg.parallel
     model_parallel = p.tensor * p.pipeline
@@ -327,10 +330,11 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return dp
 
 
-def validate_layout(cfg: Config, num_layers: int, num_heads: int, num_query_groups: int,
-                    world_size: int) -> int:
+def validate_layout(cfg: Config, arch: ModelArch, world_size: int) -> int:
     """Rules that need the model shape and the world size; returns the DP size."""
     p, t = cfg.parallel, cfg.train
+    num_heads, num_query_groups = arch.num_attention_heads, arch.num_query_groups
+    num_layers = arch.num_layers
     _require(
         num_heads % p.tensor == 0,
         f"parallel.tensor={p.tensor} must divide the model's num_attention_heads={num_heads}",
@@ -346,7 +350,7 @@ def validate_layout(cfg: Config, num_layers: int, num_heads: int, num_query_grou
         f"parallel.pipeline={p.pipeline} x parallel.virtual_pipeline={p.virtual_pipeline or 1} "
         f"must divide the model's num_hidden_layers={num_layers}",
     )
-    dp = data_parallel_size(cfg, world_size)
+    dp = _data_parallel_size(cfg, world_size)
     per_rank = t.micro_batch_size * dp
     _require(
         cfg.sequences_per_mini_batch % per_rank == 0,

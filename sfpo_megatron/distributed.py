@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.config import Config, data_parallel_size
+from sfpo_megatron.config import Config, validate_layout
+from sfpo_megatron.models.arch import ModelArch
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,16 @@ def use_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def init_distributed(cfg: Config, launch: LaunchEnv | None = None) -> int:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's TP/PP/VPP/DP groups.
+def init_distributed(cfg: Config, arch: ModelArch, launch: LaunchEnv | None = None) -> int:
+    """Check the layout against the model and world, then start torch.distributed (NCCL on
+    GPU, gloo on CPU) and Megatron's TP/PP/VPP/DP groups.
 
     On CPU this also enables :mod:`sfpo_megatron.cpu_compat`. Returns the data-parallel size.
     """
     from megatron.core import parallel_state
 
     launch = launch or read_launch_env()
-    dp = data_parallel_size(cfg, launch.world_size)
+    dp = validate_layout(cfg, arch, launch.world_size)
     if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
         backend = "nccl"

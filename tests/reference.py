@@ -23,7 +23,7 @@ def make_full_state(arch, seed: int, std: float = 0.05) -> dict[str, torch.Tenso
 
     h, hd, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * hd
-    state = {"embedding.word_embeddings.weight": rand(arch.vocab_size, h, scale=1.0)}
+    state = {"embedding.word_embeddings.weight": rand(arch.vocab_size, h, scale=0.2)}
     for layer in range(arch.num_layers):
         p = f"decoder.layers.{layer}."
         state[p + "input_layernorm.weight"] = 1.0 + rand(h, scale=0.1)

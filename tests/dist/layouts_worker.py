@@ -2,8 +2,8 @@
 the cost on CPU). Rank 0 saves each layout's results for the tests to compare.
 
 Usage: torchrun --nproc_per_node N layouts_worker.py SPEC.json
-SPEC: {"base": [overrides], "layouts": {name: [overrides]}, "state": path, "batch": path,
-       "out": dir}
+SPEC: {"layouts": {name: {"overrides": [...], "state": path, "batch": path}}, "out": dir}
+where "state" is a full state (sfpo_megatron.models.sharding) and "batch" PolicyBatch fields.
 """
 
 import json
@@ -25,8 +25,8 @@ from sfpo_megatron.optim import build_optimizer
 
 def run_layout(overrides, state, batch_data):
     cfg = load_config(None, overrides)
-    init_distributed(cfg)
     arch = read_hf_config(cfg.model.hf_config)
+    init_distributed(cfg, arch)
     chunks = build_model(cfg, arch)
     load_full_state(chunks, state)
     actor = Actor(cfg, arch, chunks, *build_optimizer(cfg, chunks))
@@ -39,11 +39,10 @@ def run_layout(overrides, state, batch_data):
 
 def main():
     spec = json.loads(Path(sys.argv[1]).read_text())
-    state = torch.load(spec["state"])
-    batch_data = torch.load(spec["batch"])
     out = Path(spec["out"])
-    for name, overrides in spec["layouts"].items():
-        result = run_layout(spec["base"] + overrides, state, batch_data)
+    for name, layout in spec["layouts"].items():
+        state, batch_data = torch.load(layout["state"]), torch.load(layout["batch"])
+        result = run_layout(layout["overrides"], state, batch_data)
         if dist.get_rank() == 0:
             torch.save(result, out / f"{name}.pt")
         dist.barrier()

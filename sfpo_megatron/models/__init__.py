@@ -1,0 +1,1 @@
+"""Model construction: HF config -> Megatron GPTModel, layer specs, TP/PP sharding map."""

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny HF model configs and torchrun launches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+TINY = {
+    "qwen2": dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False),
+    "qwen3": dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=256, tie_word_embeddings=True),
+    "llama": dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                  tie_word_embeddings=False, rope_theta=50000.0),
+}
+
+
+def write_hf_config(directory: Path, model_type: str, **overrides) -> Path:
+    """Save a tiny transformers config of one family (no weights) and return its directory."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[model_type]
+    directory.mkdir(parents=True, exist_ok=True)
+    cls(**{**TINY[model_type], **overrides}).save_pretrained(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``nproc`` CPU ranks; raise with the output tail if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {script.name} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,107 @@
+"""Config loading and validation: every rule fails with a message naming its key."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_hf_config
+
+from sfpo_megatron.config import ConfigError, load_config, validate_layout
+from sfpo_megatron.models.arch import read_hf_config
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return write_hf_config(tmp_path / "m", "qwen2")
+
+
+def load(model_dir, *overrides):
+    return load_config(None, [f"model.hf_config={model_dir}", *overrides])
+
+
+def test_yaml_and_overrides(tmp_path, model_dir):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n  hf_config: m\n  dtype: fp32\n"
+        "optimizer:\n  lr: 1e-6\n"  # YAML 1.1 reads 1e-6 as a string: accepted for floats
+        "parallel:\n  tensor: 2\n"
+    )
+    cfg = load_config(path, ["parallel.tensor=1", "train.micro_batch_size=4"])
+    assert cfg.model.hf_config == str(model_dir)  # relative to the YAML file
+    assert cfg.model.dtype == "fp32"
+    assert cfg.optimizer.lr == 1e-6
+    assert cfg.parallel.tensor == 1
+    assert cfg.train.micro_batch_size == 4
+    assert cfg.sequences_per_step == 256 * 8
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("parallel.tensr=2", "parallel.tensr"),
+        ("paralel.tensor=2", "paralel"),
+        ("parallel.tensor=two", "parallel.tensor"),
+        ("parallel.tensor=1.5", "parallel.tensor"),
+        ("parallel.sequence_parallel=yes please", "parallel.sequence_parallel"),
+        ("model.dtype=fp8", "model.dtype"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+    ],
+)
+def test_unknown_keys_and_bad_types(model_dir, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(model_dir, override)
+
+
+def test_unknown_key_suggests_the_close_one(model_dir):
+    with pytest.raises(ConfigError, match="did you mean 'parallel.tensor'"):
+        load(model_dir, "parallel.tensr=2")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ([], "model.hf_config"),
+        (["parallel.tensor=0"], "parallel.tensor"),
+        (["train.prompts_per_step=10", "train.mini_batch_prompts=4"], "train.prompts_per_step"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+        (["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline"),
+        (["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"],
+         "parallel.overlap_param_gather"),
+        (["algorithm.clip_eps_high=0.1"], "algorithm.clip_eps_high"),
+        (["rollout.temperature=0"], "rollout.temperature"),
+        (["checkpoint.interval=5"], "checkpoint.interval"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
+    ],
+)
+def test_static_rules(model_dir, overrides, key):
+    args = overrides if key == "model.hf_config" else [f"model.hf_config={model_dir}", *overrides]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, args)
+
+
+# The tiny qwen2 model has 4 layers, 4 attention heads, 2 query groups.
+@pytest.mark.parametrize(
+    "overrides, world, key",
+    [
+        (["parallel.tensor=3"], 3, "num_attention_heads"),
+        (["parallel.tensor=4"], 4, "num_key_value_heads"),
+        (["parallel.pipeline=3"], 3, "num_hidden_layers"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2, "parallel.virtual_pipeline"),
+        (["parallel.tensor=2"], 3, "parallel.tensor x parallel.pipeline"),
+        (["parallel.data=2"], 4, "parallel.data"),
+        (["train.prompts_per_step=4", "train.mini_batch_prompts=1", "train.samples_per_prompt=3",
+          "train.micro_batch_size=2"], 1, "train.micro_batch_size"),
+        (["train.prompts_per_step=2", "train.mini_batch_prompts=1", "train.samples_per_prompt=2",
+          "train.micro_batch_size=1"], 4, "data-parallel size 4"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.prompts_per_step=1",
+          "train.mini_batch_prompts=1", "train.samples_per_prompt=3"], 2, "parallel.pipeline=2"),
+    ],
+)
+def test_layout_rules(model_dir, overrides, world, key):
+    cfg = load(model_dir, *overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_layout(cfg, read_hf_config(model_dir), world)
+
+
+def test_valid_layout_returns_dp(model_dir):
+    cfg = load(model_dir, "parallel.tensor=2", "train.micro_batch_size=2")
+    assert validate_layout(cfg, read_hf_config(model_dir), 8) == 4
