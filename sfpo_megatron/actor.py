@@ -67,8 +67,11 @@ class Actor:
         self.chunks = chunks
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
             else torch.device("cpu")
+        )
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         vocab = padded_vocab_size(arch.vocab_size, cfg.model.vocab_pad_multiple, tp)
@@ -102,8 +105,9 @@ class Actor:
 
     # ------------------------------------------------------------------ schedule plumbing
 
-    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool,
-                      seq_length: int) -> list:
+    def _run_schedule(
+        self, micro_batches: list[dict], loss_func, forward_only: bool, seq_length: int
+    ) -> list:
         def forward_step(data_iterator: Iterator, model):
             mb = next(data_iterator)
             output = model(mb["tokens"], mb["position_ids"], None)
@@ -142,8 +146,11 @@ class Actor:
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """Broadcast a last-pipeline-stage result to every stage."""
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                tensor,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
         return tensor
 
     # ------------------------------------------------------------------ public API
@@ -163,8 +170,7 @@ class Actor:
             return logits.new_zeros(()), no_tokens, torch.stack([logprob, entropy], dim=1)
 
         mine = _micro_batches(self._my_rows(padded), size, self.device)
-        outputs = self._run_schedule(mine, collect, forward_only=True,
-                                     seq_length=padded.seq_length)
+        outputs = self._run_schedule(mine, collect, forward_only=True, seq_length=padded.seq_length)
         local = torch.zeros(len(mine) * size, 2, padded.seq_length, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             local = torch.cat(outputs, dim=0)
@@ -209,7 +215,11 @@ class Actor:
         def loss_func(mb, logits):
             logprob, entropy = self._logprob_entropy(mb, logits)
             token_loss, stats = grpo_token_loss(
-                logprob, mb["old_logprobs"], mb["advantages"], entropy, self.loss_cfg,
+                logprob,
+                mb["old_logprobs"],
+                mb["advantages"],
+                entropy,
+                self.loss_cfg,
                 mb.get("ref_logprobs"),
             )
             mask = mb["mask"]
@@ -221,8 +231,9 @@ class Actor:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         mine = _micro_batches(self._my_rows(mini_batch), size, self.device)
-        outputs = self._run_schedule(mine, loss_func, forward_only=False,
-                                     seq_length=mini_batch.seq_length)
+        outputs = self._run_schedule(
+            mine, loss_func, forward_only=False, seq_length=mini_batch.seq_length
+        )
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("optimizer step skipped: inf/NaN gradients (fp16 overflow?)")

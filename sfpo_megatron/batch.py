@@ -48,14 +48,17 @@ class PolicyBatch:
 
     def rows(self, start: int, stop: int) -> PolicyBatch:
         """The sequences ``start:stop`` (views, no copies)."""
-        return replace(self, **{
-            f.name: getattr(self, f.name)[start:stop]
-            for f in fields(self)
-            if getattr(self, f.name) is not None
-        })
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[start:stop]
+                for f in fields(self)
+                if getattr(self, f.name) is not None
+            },
+        )
 
     def padded_to(self, multiple: int) -> PolicyBatch:
-        """Right-pad the sequence dimension to a multiple (sequence parallelism needs S % TP == 0)."""
+        """Right-pad the sequence dimension to a multiple (sequence parallelism: S % TP == 0)."""
         extra = -self.seq_length % multiple
         if extra == 0:
             return self

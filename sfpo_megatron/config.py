@@ -143,7 +143,9 @@ class Config:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Read a YAML file (or start from defaults), apply ``key.sub=value`` overrides, validate.
 
     Relative ``model.hf_config`` paths in a file are taken relative to that file.
@@ -264,7 +266,9 @@ def validate(cfg: Config) -> None:
         p.data is None or p.data >= 1, f"parallel.data={p.data} must be >= 1 (or null to derive)"
     )
     if p.virtual_pipeline is not None:
-        _require(p.virtual_pipeline >= 1, f"parallel.virtual_pipeline={p.virtual_pipeline} must be >= 1")
+        _require(
+            p.virtual_pipeline >= 1, f"parallel.virtual_pipeline={p.virtual_pipeline} must be >= 1"
+        )
         _require(
             p.virtual_pipeline == 1 or p.pipeline > 1,
             f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1",
@@ -295,7 +299,9 @@ def validate(cfg: Config) -> None:
         f"algorithm.clip_eps_high={a.clip_eps_high} must be >= algorithm.clip_eps_low",
     )
     _require(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
-    _require(cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0")
+    _require(
+        cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0"
+    )
     _require(0 < cfg.rollout.top_p <= 1, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     _require(
         cfg.rollout.max_response_length >= 1,
@@ -305,7 +311,9 @@ def validate(cfg: Config) -> None:
         cfg.data.max_prompt_length >= 1,
         f"data.max_prompt_length={cfg.data.max_prompt_length} must be >= 1",
     )
-    _require(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
+    _require(
+        cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0"
+    )
     _require(
         cfg.checkpoint.interval == 0 or cfg.checkpoint.dir is not None,
         "checkpoint.interval > 0 needs checkpoint.dir",

@@ -1,4 +1,4 @@
-"""Process start-up: torchrun or Slurm environment -> torch.distributed -> Megatron parallel state."""
+"""Process start-up: torchrun or Slurm environment -> torch.distributed -> Megatron groups."""
 
 from __future__ import annotations
 

@@ -104,9 +104,25 @@ def logprob_entropy(state, arch, tokens, response_mask, temperature=1.0):
     return torch.cat([pad, lp * mask], 1), torch.cat([pad, ent * mask], 1)
 
 
-def train_pass(state, arch, tokens, response_mask, advantages, old_logprobs, *, mini_batch: int,
-               lr: float, weight_decay: float, betas, eps: float, clip: float,
-               clip_low: float, clip_high: float, entropy_coef: float, temperature: float = 1.0):
+def train_pass(
+    state,
+    arch,
+    tokens,
+    response_mask,
+    advantages,
+    old_logprobs,
+    *,
+    mini_batch: int,
+    lr: float,
+    weight_decay: float,
+    betas,
+    eps: float,
+    clip: float,
+    clip_low: float,
+    clip_high: float,
+    entropy_coef: float,
+    temperature: float = 1.0,
+):
     """One GRPO pass: per mini-batch (in order) token-mean loss, clip-by-norm, AdamW step.
 
     Weight decay skips 1-D tensors and biases, like Megatron. Returns the new state and
@@ -116,8 +132,13 @@ def train_pass(state, arch, tokens, response_mask, advantages, old_logprobs, *, 
     decay = [p for k, p in params.items() if p.dim() > 1 and not k.endswith(".bias")]
     no_decay = [p for k, p in params.items() if p.dim() <= 1 or k.endswith(".bias")]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, eps=eps,
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=betas,
+        eps=eps,
     )
     norms = []
     for start in range(0, tokens.shape[0], mini_batch):

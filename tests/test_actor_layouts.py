@@ -16,10 +16,11 @@ import json
 
 import pytest
 import torch
-from conftest import TESTS, torchrun, write_hf_config
+
+from sfpo_megatron.models.arch import read_hf_config
 
 import reference as ref
-from sfpo_megatron.models.arch import read_hf_config
+from conftest import TESTS, torchrun, write_hf_config
 
 LR, EPS, MINI_BATCH = 1e-3, 1e-3, 4
 
@@ -37,13 +38,23 @@ LAYOUTS = {
     "pp2_vpp2": (2, "qwen2", ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "dp2": (2, "qwen2", []),
     "dp2_no_dist_opt": (2, "qwen2", ["parallel.distributed_optimizer=false"]),
-    "dp2_overlap": (2, "qwen2", ["parallel.overlap_grad_reduce=true",
-                                 "parallel.overlap_param_gather=true"]),
+    "dp2_overlap": (
+        2,
+        "qwen2",
+        ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"],
+    ),
     "tp2_pp2": (4, "qwen2", ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2_pp2_qwen3_tied": (4, "qwen3", ["parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2_dp2": (4, "qwen2", ["parallel.tensor=2"]),
-    "tp2_dp2_sp_no_dist_opt": (4, "qwen2", ["parallel.tensor=2", "parallel.sequence_parallel=true",
-                                            "parallel.distributed_optimizer=false"]),
+    "tp2_dp2_sp_no_dist_opt": (
+        4,
+        "qwen2",
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.distributed_optimizer=false",
+        ],
+    ),
     "pp2_dp2": (4, "qwen2", ["parallel.pipeline=2"]),
     "pp2_vpp2_dp2": (4, "qwen2", ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
 }
@@ -60,7 +71,7 @@ def make_batch(arch, seed: int) -> dict:
     tokens = torch.randint(0, arch.vocab_size, (n, s), generator=g)
     mask = torch.zeros(n, s, dtype=torch.bool)
     for i in range(n):
-        mask[i, 3 + i % 4: s - i % 3] = True
+        mask[i, 3 + i % 4 : s - i % 3] = True
     return {"tokens": tokens, "response_mask": mask, "advantages": torch.randn(n, generator=g)}
 
 
@@ -78,29 +89,57 @@ def runs(tmp_path_factory):
         noise = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
         batch["old_logprobs"] = lp + 0.05 * noise * batch["response_mask"]
         trained, _ = ref.train_pass(
-            state, arch, **batch, mini_batch=MINI_BATCH, lr=LR, weight_decay=0.01,
-            betas=(0.9, 0.999), eps=EPS, clip=1.0, clip_low=0.2, clip_high=0.2,
+            state,
+            arch,
+            **batch,
+            mini_batch=MINI_BATCH,
+            lr=LR,
+            weight_decay=0.01,
+            betas=(0.9, 0.999),
+            eps=EPS,
+            clip=1.0,
+            clip_low=0.2,
+            clip_high=0.2,
             entropy_coef=0.001,
         )
         torch.save(state, root / f"{family}_state.pt")
         torch.save(batch, root / f"{family}_batch.pt")
-        models[family] = {"dir": directory, "state": state, "logprobs": lp, "entropy": ent,
-                          "trained": trained}
-    base = ["train.prompts_per_step=4", "train.samples_per_prompt=2", "train.mini_batch_prompts=2",
-            "train.micro_batch_size=1", f"optimizer.lr={LR}", f"optimizer.adam_eps={EPS}",
-            "model.dtype=fp32"]
+        models[family] = {
+            "dir": directory,
+            "state": state,
+            "logprobs": lp,
+            "entropy": ent,
+            "trained": trained,
+        }
+    base = [
+        "train.prompts_per_step=4",
+        "train.samples_per_prompt=2",
+        "train.mini_batch_prompts=2",
+        "train.micro_batch_size=1",
+        f"optimizer.lr={LR}",
+        f"optimizer.adam_eps={EPS}",
+        "model.dtype=fp32",
+    ]
     all_layouts = {**LAYOUTS, **BF16_LAYOUTS}
     for world in (1, 2, 4):
-        spec = {"out": str(root), "layouts": {
-            name: {"overrides": base + [f"model.hf_config={models[model]['dir']}"] + overrides,
-                   "state": str(root / f"{model}_state.pt"),
-                   "batch": str(root / f"{model}_batch.pt")}
-            for name, (w, model, overrides) in all_layouts.items() if w == world
-        }}
+        spec = {
+            "out": str(root),
+            "layouts": {
+                name: {
+                    "overrides": base + [f"model.hf_config={models[model]['dir']}"] + overrides,
+                    "state": str(root / f"{model}_state.pt"),
+                    "batch": str(root / f"{model}_batch.pt"),
+                }
+                for name, (w, model, overrides) in all_layouts.items()
+                if w == world
+            },
+        }
         (root / f"spec{world}.json").write_text(json.dumps(spec))
         torchrun(world, TESTS / "dist" / "layouts_worker.py", str(root / f"spec{world}.json"))
-    return {name: (models[model], torch.load(root / f"{name}.pt"))
-            for name, (_, model, _) in all_layouts.items()}
+    return {
+        name: (models[model], torch.load(root / f"{name}.pt"))
+        for name, (_, model, _) in all_layouts.items()
+    }
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

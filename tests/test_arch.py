@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import write_hf_config
 
 from sfpo_megatron.models.arch import (
     UnsupportedModelError,
@@ -15,6 +14,8 @@ from sfpo_megatron.models.arch import (
     rope_inv_freq,
 )
 
+from conftest import write_hf_config
+
 
 def test_families(tmp_path):
     qwen2 = read_hf_config(write_hf_config(tmp_path / "a", "qwen2"))
@@ -22,7 +23,8 @@ def test_families(tmp_path):
     qwen3 = read_hf_config(write_hf_config(tmp_path / "b", "qwen3"))
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim) == (False, True, 8)
     llama = read_hf_config(write_hf_config(tmp_path / "c", "llama"))
-    assert (llama.qkv_bias, llama.num_query_groups, llama.rope_theta) == (False, 1, 50000.0)
+    assert (llama.qkv_bias, llama.num_query_groups, llama.head_dim) == (False, 2, 8)
+    assert llama.rope_theta == 50000.0
 
 
 def test_unsupported_model_type_is_named(tmp_path):
@@ -36,21 +38,31 @@ def test_missing_config(tmp_path):
         read_hf_config(tmp_path)
 
 
-@pytest.mark.parametrize("scaling", [
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
-    {"rope_type": "linear", "factor": 2.0},
-])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {"rope_type": "linear", "factor": 2.0},
+    ],
+)
 def test_rope_inv_freq_matches_transformers(tmp_path, scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = {"rope_theta": 50000.0, **scaling}
-    directory = write_hf_config(tmp_path, "llama", rope_parameters=params,
-                                max_position_embeddings=512)
+    directory = write_hf_config(
+        tmp_path, "llama", rope_parameters=params, max_position_embeddings=512
+    )
     ours = rope_inv_freq(read_hf_config(directory))
-    theirs, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](LlamaConfig.from_pretrained(directory),
-                                                          "cpu")
+    theirs, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](
+        LlamaConfig.from_pretrained(directory), "cpu"
+    )
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_hf_config
 
 from sfpo_megatron.config import ConfigError, load_config, validate_layout
 from sfpo_megatron.models.arch import read_hf_config
+
+from conftest import write_hf_config
 
 
 @pytest.fixture
@@ -64,8 +65,10 @@ def test_unknown_key_suggests_the_close_one(model_dir):
         (["train.prompts_per_step=10", "train.mini_batch_prompts=4"], "train.prompts_per_step"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
         (["parallel.virtual_pipeline=2"], "parallel.virtual_pipeline"),
-        (["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"],
-         "parallel.overlap_param_gather"),
+        (
+            ["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"],
+            "parallel.overlap_param_gather",
+        ),
         (["algorithm.clip_eps_high=0.1"], "algorithm.clip_eps_high"),
         (["rollout.temperature=0"], "rollout.temperature"),
         (["checkpoint.interval=5"], "checkpoint.interval"),
@@ -88,12 +91,37 @@ def test_static_rules(model_dir, overrides, key):
         (["parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2, "parallel.virtual_pipeline"),
         (["parallel.tensor=2"], 3, "parallel.tensor x parallel.pipeline"),
         (["parallel.data=2"], 4, "parallel.data"),
-        (["train.prompts_per_step=4", "train.mini_batch_prompts=1", "train.samples_per_prompt=3",
-          "train.micro_batch_size=2"], 1, "train.micro_batch_size"),
-        (["train.prompts_per_step=2", "train.mini_batch_prompts=1", "train.samples_per_prompt=2",
-          "train.micro_batch_size=1"], 4, "data-parallel size 4"),
-        (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.prompts_per_step=1",
-          "train.mini_batch_prompts=1", "train.samples_per_prompt=3"], 2, "parallel.pipeline=2"),
+        (
+            [
+                "train.prompts_per_step=4",
+                "train.mini_batch_prompts=1",
+                "train.samples_per_prompt=3",
+                "train.micro_batch_size=2",
+            ],
+            1,
+            "train.micro_batch_size",
+        ),
+        (
+            [
+                "train.prompts_per_step=2",
+                "train.mini_batch_prompts=1",
+                "train.samples_per_prompt=2",
+                "train.micro_batch_size=1",
+            ],
+            4,
+            "data-parallel size 4",
+        ),
+        (
+            [
+                "parallel.pipeline=2",
+                "parallel.virtual_pipeline=2",
+                "train.prompts_per_step=1",
+                "train.mini_batch_prompts=1",
+                "train.samples_per_prompt=3",
+            ],
+            2,
+            "parallel.pipeline=2",
+        ),
     ],
 )
 def test_layout_rules(model_dir, overrides, world, key):

@@ -22,16 +22,28 @@ def test_first_slurm_host(nodelist, host):
 
 
 def test_torchrun_env_wins():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
-           "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "1234",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+    }
     launch = read_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank) == (3, 8, 1)
     assert (launch.master_addr, launch.master_port, launch.launcher) == ("n1", 1234, "torchrun")
 
 
 def test_slurm_env():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-           "SLURM_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "5",
+        "SLURM_NODELIST": "gpu[007-008]",
+        "SLURM_JOB_ID": "4242",
+    }
     launch = read_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank) == (5, 16, 5)
     assert launch.master_addr == "gpu007"

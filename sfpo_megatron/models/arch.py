@@ -64,8 +64,9 @@ class UnsupportedModelError(ValueError):
 def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     params = cfg.get("rope_parameters") or {}
     theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default"
-                                          else None)
+    scaling = cfg.get("rope_scaling") or (
+        params if params.get("rope_type", "default") != "default" else None
+    )
     if not scaling:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -81,7 +82,9 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             float(scaling.get("high_freq_factor", 4.0)),
             int(scaling.get("original_max_position_embeddings", 8192)),
         )
-    raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise UnsupportedModelError(
+        f"rope_scaling type {kind!r} is not supported (default, linear, llama3)"
+    )
 
 
 def read_hf_config(path: str | Path) -> ModelArch:
@@ -139,7 +142,7 @@ def padded_vocab_size(vocab_size: int, pad_multiple: int, tensor_parallel: int) 
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def rope_inv_freq(arch: ModelArch) -> "torch.Tensor":  # noqa: F821
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:  # noqa: F821
     """Inverse RoPE frequencies, with the family's scaling, as transformers computes them."""
     import torch
 

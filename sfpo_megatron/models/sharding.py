@@ -32,13 +32,13 @@ def local_parameters(chunks: list) -> Iterator[tuple[str, torch.nn.Parameter]]:
             match = _LAYER.match(name)
             if match:
                 layer = model.decoder.layers[int(match.group(1))]
-                name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+                name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
             elif name == OUTPUT and model.share_embeddings_and_output_weights:
                 name = EMBEDDING
             yield name, param
 
 
-def _is_glu_fc1(name: str, param: torch.nn.Parameter, chunks: list) -> bool:
+def _is_glu_fc1(name: str, chunks: list) -> bool:
     return name.endswith("mlp.linear_fc1.weight") and unwrap(chunks[0]).config.gated_linear_unit
 
 
@@ -86,10 +86,12 @@ def load_full_state(chunks: list, state: dict[str, torch.Tensor]) -> None:
             if full.shape[0] > rows:
                 raise ValueError(f"{name}: {full.shape[0]} rows exceed the padded vocab {rows}")
             full = torch.nn.functional.pad(full, (0, 0, 0, rows - full.shape[0]))
-        piece = shard_of(full, param, _is_glu_fc1(name, param, chunks))
+        piece = shard_of(full, param, _is_glu_fc1(name, chunks))
         if piece.shape != param.shape:
-            raise ValueError(f"{name}: slice shape {tuple(piece.shape)} != parameter shape "
-                             f"{tuple(param.shape)} (full {tuple(full.shape)})")
+            raise ValueError(
+                f"{name}: slice shape {tuple(piece.shape)} != parameter shape "
+                f"{tuple(param.shape)} (full {tuple(full.shape)})"
+            )
         param.copy_(piece)
         seen.add(name)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
@@ -107,7 +109,7 @@ def gather_full_state(chunks: list, vocab_size: int) -> dict[str, torch.Tensor]:
             chunk.start_param_sync(force_sync=True)
     stage: dict[str, torch.Tensor] = {}
     for name, param in local_parameters(chunks):
-        full = _unshard(param.detach(), param, _is_glu_fc1(name, param, chunks))
+        full = _unshard(param.detach(), param, _is_glu_fc1(name, chunks))
         stage[name] = (full[:vocab_size] if name in VOCAB_ROWS else full).cpu()
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return stage

@@ -1,4 +1,4 @@
-"""Transformer layer specs: Transformer Engine's when it imports on a GPU, the local one otherwise."""
+"""Transformer layer specs: Transformer Engine's when it imports on a GPU, else the local one."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(
-            torch.ones(hidden_size, dtype=config.params_dtype,
-                       device="cpu" if config.use_cpu_initialization else None)
+            torch.ones(
+                hidden_size,
+                dtype=config.params_dtype,
+                device="cpu" if config.use_cpu_initialization else None,
+            )
         )
         self.weight.sequence_parallel = config.sequence_parallel
 
@@ -101,4 +104,3 @@ def block_spec(arch: ModelArch, config, vp_stage: int | None):
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     return local_block_spec(arch, get_num_layers_to_build(config, vp_stage=vp_stage))
-

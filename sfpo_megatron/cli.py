@@ -1,0 +1,52 @@
+"""Command line: ``sfpo-megatron train CONFIG.yaml [key.sub=value ...]`` (plain python for one
+process, torchrun or srun for many)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from sfpo_megatron.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sfpo-megatron", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run training iterations")
+    train.add_argument("config", help="YAML run config")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_known_warnings()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"sfpo-megatron: config error: {error}", file=sys.stderr)
+        return 2
+    from sfpo_megatron.trainer import train as run_training
+
+    try:
+        run_training(cfg)
+    except ConfigError as error:
+        print(f"sfpo-megatron: config error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quiet_known_warnings() -> None:
+    """Megatron-Core and torch.distributed warn on every start about things a user cannot act
+    on (its own deprecated calls, optional fused kernels it falls back from)."""
+    for message in (
+        r".*is deprecated",
+        r".*(Transformer Engine|Apex).* not installed",
+        r"full scope is deprecated",
+        r"The \.grad attribute of a Tensor that is not a leaf",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("megatron.core.rerun_state_machine").setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Fused SFPO ops: the C++/CUDA extension when built, else a bit-identical pure-torch fallback.
+
+``SFPO_OPS_BACKEND=torch`` forces the fallback (tests, debugging); unset or ``auto`` picks the
+extension whenever it can handle the tensors' device.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from sfpo_megatron.ops import _fallback
+
+try:
+    from sfpo_megatron import _C
+except ImportError as _exc:
+    _C = None
+    _IMPORT_ERROR = str(_exc)
+else:
+    _IMPORT_ERROR = ""
+
+__all__ = ["backend", "extension_available", "reposition_"]
+
+logger = logging.getLogger("sfpo_megatron.ops")
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
+_warned = False
+
+
+def _forced_torch() -> bool:
+    """Read SFPO_OPS_BACKEND on every call so tests and users can flip it at runtime."""
+    value = os.environ.get("SFPO_OPS_BACKEND", "auto").strip().lower()
+    if value not in ("auto", "", "torch"):
+        raise ValueError(f"SFPO_OPS_BACKEND must be 'auto' or 'torch', got {value!r}")
+    return value == "torch"
+
+
+def extension_available() -> bool:
+    """Whether sfpo_megatron._C imported (regardless of SFPO_OPS_BACKEND)."""
+    return _C is not None
+
+
+def backend() -> str:
+    """The backend reposition_ uses: "extension-cuda", "extension-cpu" or "torch"."""
+    if _C is None or _forced_torch():
+        return "torch"
+    return "extension-cuda" if _C.has_cuda() else "extension-cpu"
+
+
+def _warn_fallback_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "sfpo_megatron ops: %s; using the slower pure-torch fallback (same results). To use "
+            "the fused kernels, %s (SFPO_BUILD_CUDA=1 to require the CUDA kernels).",
+            reason,
+            _BUILD_HINT,
+        )
+
+
+def reposition_(
+    main: Sequence[torch.Tensor],
+    snap: Sequence[torch.Tensor],
+    model: Sequence[torch.Tensor] | None,
+    alpha: float,
+) -> None:
+    """In place: main = snap + alpha * (main - snap) (fp32); model = main rounded to its dtype.
+
+    main and snap are fp32 contiguous tensors paired by index with equal element counts; model,
+    if given, holds the matching fp32/bf16/fp16 parameters to refresh in the same pass.
+    """
+    main, snap = list(main), list(snap)
+    model = None if model is None else list(model)
+    if _forced_torch():
+        _fallback.reposition_(main, snap, model, alpha)
+        return
+    if _C is None:
+        _warn_fallback_once(f"the C++ extension sfpo_megatron._C is not built ({_IMPORT_ERROR})")
+    elif main and main[0].is_cuda and not _C.has_cuda():
+        _warn_fallback_once("sfpo_megatron._C was built without CUDA kernels")
+    else:
+        _C.reposition_(main, snap, model, float(alpha))
+        return
+    _fallback.reposition_(main, snap, model, alpha)

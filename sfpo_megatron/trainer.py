@@ -1,0 +1,69 @@
+"""The training loop. For now on synthetic batches: rollouts and rewards plug in here later."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.actor import Actor
+from sfpo_megatron.config import Config
+from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.models.arch import read_hf_config
+from sfpo_megatron.synthetic import random_batch
+
+
+class MetricsLog:
+    """One progress line per iteration on rank 0, and every metric in ``metrics.jsonl``."""
+
+    def __init__(self, output_dir: str, total: int, interval: int) -> None:
+        self.rank0 = dist.get_rank() == 0
+        self.total, self.interval, self.start = total, interval, time.perf_counter()
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if self.rank0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def __call__(self, iteration: int, metrics: dict[str, float]) -> None:
+        if not self.rank0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        if iteration % self.interval == 0 or iteration == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / iteration * (self.total - iteration)
+            print(
+                f"iter {iteration}/{self.total} loss {metrics['pg_loss']:+.4f} "
+                f"entropy {metrics['entropy']:.4f} clip {metrics['clip_frac']:.3f} "
+                f"grad_norm {metrics['grad_norm']:.3f} tokens {int(metrics['tokens'])} "
+                f"lr {metrics['lr']:.2e} {metrics['seconds']:.2f}s eta {eta:.0f}s",
+                flush=True,
+            )
+
+
+def train(cfg: Config) -> list[dict[str, float]]:
+    """Run ``train.iterations`` GRPO iterations; returns the metrics of each."""
+    arch = read_hf_config(cfg.model.hf_config)
+    init_distributed(cfg, arch)
+    try:
+        actor = Actor.build(cfg, arch)
+        generator = torch.Generator().manual_seed(cfg.data.seed)
+        log = MetricsLog(cfg.logging.output_dir, cfg.train.iterations, cfg.logging.log_interval)
+        history = []
+        for iteration in range(1, cfg.train.iterations + 1):
+            start = time.perf_counter()
+            batch = random_batch(cfg, arch, generator)
+            old_logprobs, _ = actor.forward_logprobs(batch)
+            metrics = actor.train_pass(replace(batch, old_logprobs=old_logprobs))
+            metrics["lr"] = actor.scheduler.get_lr(actor.optimizer.param_groups[0])
+            actor.step_lr()
+            metrics["seconds"] = time.perf_counter() - start
+            log(iteration, metrics)
+            history.append(metrics)
+        return history
+    finally:
+        shutdown()

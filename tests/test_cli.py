@@ -1,0 +1,65 @@
+"""The README's main command path: ``sfpo-megatron train`` on the shipped tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, torchrun
+
+CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "sfpo_megatron.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_metrics(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_prints_progress_and_writes_metrics(tmp_path):
+    proc = run_cli("train", str(CONFIG), "train.iterations=3", f"logging.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("iter ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    records = read_metrics(tmp_path)
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["optimizer_steps"] == 2 and record["tokens"] > 0
+        assert 0 < record["grad_norm"] < 100 and abs(record["pg_loss"]) < 10
+
+
+def test_same_run_under_tp2_gives_the_same_losses(tmp_path):
+    single, tp2 = tmp_path / "single", tmp_path / "tp2"
+    args = ["train.iterations=2", "parallel.timeout_s=120"]
+    assert run_cli("train", str(CONFIG), *args, f"logging.output_dir={single}").returncode == 0
+    torchrun(
+        2,
+        REPO / "sfpo_megatron" / "cli.py",
+        "train",
+        str(CONFIG),
+        *args,
+        "parallel.tensor=2",
+        f"logging.output_dir={tp2}",
+    )
+    for a, b in zip(read_metrics(single), read_metrics(tp2), strict=True):
+        for key in ("pg_loss", "entropy", "grad_norm", "tokens"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), key
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path):
+    proc = run_cli("train", str(CONFIG), "parallel.tensor=3")
+    assert proc.returncode == 2
+    assert "parallel.tensor=3 must divide the model's num_attention_heads=4" in proc.stderr
+    proc = run_cli("train", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
