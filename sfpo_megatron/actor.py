@@ -21,7 +21,6 @@ from sfpo_megatron.batch import PolicyBatch
 from sfpo_megatron.config import Config
 from sfpo_megatron.losses import (
     LOSS_STATS,
-    GRPOLossConfig,
     grpo_token_loss,
     vocab_parallel_logprob_entropy,
 )
@@ -78,12 +77,6 @@ class Actor:
         self.vocab_start = parallel_state.get_tensor_model_parallel_rank() * (vocab // tp)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.loss_cfg = GRPOLossConfig(
-            clip_eps_low=cfg.algorithm.clip_eps_low,
-            clip_eps_high=cfg.algorithm.clip_eps_high,
-            entropy_coef=cfg.algorithm.entropy_coef,
-            kl_coef=cfg.algorithm.kl_coef,
-        )
         self._connect_schedule_hooks()
 
     @classmethod
@@ -219,7 +212,7 @@ class Actor:
                 mb["old_logprobs"],
                 mb["advantages"],
                 entropy,
-                self.loss_cfg,
+                self.cfg.algorithm,
                 mb.get("ref_logprobs"),
             )
             mask = mb["mask"]

@@ -5,10 +5,10 @@ Pure functions of tensors (plus the TP group), unit-testable without a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
+
+from sfpo_megatron.config import AlgorithmConfig
 
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
@@ -76,14 +76,6 @@ def vocab_parallel_logprob_entropy(
     return _VocabParallelLogprobEntropy.apply(logits, targets, vocab_start, real_vocab, group)
 
 
-@dataclass(frozen=True)
-class GRPOLossConfig:
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    entropy_coef: float = 0.001
-    kl_coef: float = 0.0
-
-
 LOSS_STATS = ("pg_loss", "clip_frac", "approx_kl", "entropy", "ref_kl")
 """Per-token statistics the loss reports (summed over tokens; divide by the token count)."""
 
@@ -93,7 +85,7 @@ def grpo_token_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     entropy: torch.Tensor,
-    cfg: GRPOLossConfig,
+    cfg: AlgorithmConfig,
     ref_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss ``max(-A r, -A clip(r, 1-eps_low, 1+eps_high)) - c_H H (+ beta KL)``.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sfpo_megatron.config import AlgorithmConfig
 from sfpo_megatron.losses import (
-    GRPOLossConfig,
     grpo_token_loss,
     low_variance_kl,
     vocab_parallel_logprob_entropy,
@@ -50,7 +50,7 @@ def test_padding_rows_never_carry_mass():
 
 
 def test_grpo_loss_clipping_and_terms():
-    cfg = GRPOLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, entropy_coef=0.01, kl_coef=0.0)
+    cfg = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28, entropy_coef=0.01, kl_coef=0.0)
     old = torch.zeros(4)
     logprobs = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7]))  # ratios
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
@@ -65,7 +65,7 @@ def test_grpo_loss_clipping_and_terms():
 
 
 def test_kl_term_needs_reference_and_is_added():
-    cfg = GRPOLossConfig(kl_coef=0.5, entropy_coef=0.0)
+    cfg = AlgorithmConfig(kl_coef=0.5, entropy_coef=0.0)
     lp = torch.tensor([-1.0, -2.0])
     ref = torch.tensor([-1.5, -1.0])
     with pytest.raises(ValueError, match="reference log-probs"):
