@@ -1,14 +1,19 @@
 // Thin torch binding for the reposition kernels: validates arguments, then hands raw pointers to
 // the torch-free CPU kernel or the CUDA launcher (compiled in when SFPO_WITH_CUDA is defined).
+// The snapshot copy is plain memcpy / cudaMemcpyAsync and lives here entirely.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
 #include <optional>
 #include <vector>
 
 #ifdef SFPO_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 #include "reposition.h"
@@ -155,6 +160,94 @@ void reposition_(const TensorList& main, const TensorList& snap,
   }
 }
 
+// Same checks, order and wording as sfpo_megatron/ops/_fallback.py::check_snapshot_inputs (and
+// layout.py::check_flat). Returns the number of elements to copy.
+int64_t check_snapshot_inputs(const TensorList& srcs, const at::Tensor& flat) {
+  int64_t total = 0;
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    TORCH_CHECK_TYPE(srcs[i].scalar_type() == at::kFloat, "snapshot_: srcs[", i,
+                     "] must be float32, got ", srcs[i].scalar_type());
+    TORCH_CHECK_VALUE(srcs[i].device() == srcs[0].device(), "snapshot_: srcs[", i, "] is on ",
+                      srcs[i].device(), " but srcs[0] is on ", srcs[0].device());
+    TORCH_CHECK_VALUE(srcs[i].is_contiguous(), "snapshot_: srcs[", i, "] must be contiguous");
+    total += srcs[i].numel();
+  }
+  if (!srcs.empty()) {
+    const bool host_copy = srcs[0].is_cuda() && flat.is_cpu();
+    TORCH_CHECK_VALUE(flat.device() == srcs[0].device() || host_copy, "snapshot_: flat is on ",
+                      flat.device(), " but srcs[0] is on ", srcs[0].device(),
+                      "; flat must be on the same device, or on the CPU for CUDA srcs");
+  }
+  TORCH_CHECK_TYPE(flat.scalar_type() == at::kFloat, "snapshot_: flat must be float32, got ",
+                   flat.scalar_type());
+  TORCH_CHECK_VALUE(flat.dim() == 1, "snapshot_: flat must be 1-D, got shape ", flat.sizes());
+  TORCH_CHECK_VALUE(flat.is_contiguous(), "snapshot_: flat must be contiguous");
+  TORCH_CHECK_VALUE(flat.numel() >= total, "snapshot_: flat has ", flat.numel(),
+                    " elements but ", total, " are needed");
+  return total;
+}
+
+// Splits the flat range (not the tensor list) across threads, so that one large tensor is copied
+// by every core and many small ones are shared out; each task copies the pieces it covers.
+void snapshot_cpu(const TensorList& srcs, float* flat, int64_t total) {
+  std::vector<int64_t> starts(srcs.size() + 1, 0);  // flat offset of each src, then the total
+  std::vector<const float*> ptrs(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    starts[i + 1] = starts[i] + srcs[i].numel();
+    ptrs[i] = srcs[i].data_ptr<float>();
+  }
+  at::parallel_for(0, total, kCpuGrain, [&](int64_t begin, int64_t end) {
+    // The last src starting at or before `begin` holds it (empty srcs share its start).
+    size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; begin < end; ++i) {
+      const int64_t stop = std::min(end, starts[i + 1]);
+      if (stop > begin) {
+        std::memcpy(flat + begin, ptrs[i] + (begin - starts[i]), (stop - begin) * sizeof(float));
+        begin = stop;
+      }
+    }
+  });
+}
+
+#ifdef SFPO_WITH_CUDA
+// Queued on the current stream. A device-to-pageable-host copy blocks until done (CUDA semantics).
+void snapshot_cuda(const TensorList& srcs, const at::Tensor& flat) {
+  const c10::cuda::CUDAGuard guard(srcs[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(srcs[0].device().index()).stream();
+  const cudaMemcpyKind kind = flat.is_cpu() ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+  float* dst = flat.data_ptr<float>();
+  for (const auto& src : srcs) {
+    if (src.numel() > 0) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr<float>(), src.numel() * sizeof(float), kind,
+                                     stream));
+      dst += src.numel();
+    }
+  }
+}
+#endif
+
+void snapshot_(const TensorList& srcs, const at::Tensor& flat) {
+  const int64_t total = check_snapshot_inputs(srcs, flat);
+  if (srcs.empty()) {
+    return;
+  }
+  const auto device = srcs[0].device();
+  if (device.is_cpu()) {
+    snapshot_cpu(srcs, flat.data_ptr<float>(), total);
+  } else if (device.is_cuda()) {
+#ifdef SFPO_WITH_CUDA
+    snapshot_cuda(srcs, flat);
+#else
+    TORCH_CHECK(false,
+                "snapshot_: got CUDA tensors but sfpo_megatron._C was built without CUDA; "
+                "rebuild with SFPO_BUILD_CUDA=1 pip install --no-build-isolation -e .");
+#endif
+  } else {
+    TORCH_CHECK(false, "snapshot_: tensors on ", device, " are not supported");
+  }
+  flat.unsafeGetTensorImpl()->bump_version();
+}
+
 bool has_cuda() {
 #ifdef SFPO_WITH_CUDA
   return true;
@@ -170,5 +263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reposition_", &reposition_, py::arg("main"), py::arg("snap"), py::arg("model"),
         py::arg("alpha"), py::call_guard<py::gil_scoped_release>(),
         "In place: main = snap + alpha * (main - snap) in fp32; model = main rounded to its dtype.");
+  m.def("snapshot_", &snapshot_, py::arg("srcs"), py::arg("flat"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Copy the fp32 srcs back to back into flat from offset 0 (async on CUDA's current stream).");
   m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in.");
 }

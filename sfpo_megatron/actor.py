@@ -7,7 +7,7 @@ rows itself, and returns results that are complete and identical on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -26,7 +26,7 @@ from sfpo_megatron.losses import (
 )
 from sfpo_megatron.models.arch import ModelArch, padded_vocab_size
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.optim import build_optimizer
+from sfpo_megatron.optim import MasterWeights, build_optimizer, master_weights
 
 
 def _shift_left(x: torch.Tensor) -> torch.Tensor:
@@ -174,9 +174,14 @@ class Actor:
         aligned = aligned * batch.response_mask.to(self.device).unsqueeze(1)
         return aligned[:, 0].cpu(), aligned[:, 1].cpu()
 
-    def train_pass(self, batch: PolicyBatch) -> dict[str, float]:
+    def train_pass(
+        self, batch: PolicyBatch, before_step: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """One pass over ``batch``: each mini-batch (in order, unshuffled) is one optimizer step
-        on the token-mean GRPO loss. Returns metrics averaged over the pass's tokens/steps."""
+        on the token-mean GRPO loss. Returns metrics averaged over the pass's tokens/steps.
+
+        ``before_step`` runs before every optimizer step (SFPO waits there for its snapshot).
+        """
         if batch.advantages is None or batch.old_logprobs is None:
             raise ValueError("a training pass needs advantages and old_logprobs in the batch")
         mini = self.cfg.sequences_per_mini_batch
@@ -192,7 +197,9 @@ class Actor:
         sums = torch.zeros(len(LOSS_STATS) + 1, dtype=torch.float64, device=self.device)
         grad_norms, steps = [], 0
         for start in range(0, padded.num_sequences, mini):
-            stats, grad_norm = self._optimizer_step(padded.rows(start, start + mini), size)
+            stats, grad_norm = self._optimizer_step(
+                padded.rows(start, start + mini), size, before_step
+            )
             sums += stats
             grad_norms.append(grad_norm)
             steps += 1
@@ -204,7 +211,9 @@ class Actor:
         metrics["optimizer_steps"] = steps
         return metrics
 
-    def _optimizer_step(self, mini_batch: PolicyBatch, size: int) -> tuple[torch.Tensor, float]:
+    def _optimizer_step(
+        self, mini_batch: PolicyBatch, size: int, before_step: Callable[[], None] | None
+    ) -> tuple[torch.Tensor, float]:
         def loss_func(mb, logits):
             logprob, entropy = self._logprob_entropy(mb, logits)
             token_loss, stats = grpo_token_loss(
@@ -227,6 +236,8 @@ class Actor:
         outputs = self._run_schedule(
             mine, loss_func, forward_only=False, seq_length=mini_batch.seq_length
         )
+        if before_step is not None:
+            before_step()
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("optimizer step skipped: inf/NaN gradients (fp16 overflow?)")
@@ -235,6 +246,20 @@ class Actor:
             stats = torch.stack(outputs).sum(dim=0)
             dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         return stats, float(grad_norm)
+
+    def master_weights(self) -> MasterWeights:
+        """This rank's fp32 master-weight shard and the model-param slices it feeds."""
+        return master_weights(self.optimizer)
+
+    def publish_master_weights(self) -> None:
+        """After master weights were changed outside an optimizer step (and their model-param
+        slices written): make every data-parallel rank's model params whole again, the way
+        the distributed optimizer's own step does (at once, or lazily at the next forward
+        when the param all-gather is overlapped)."""
+        for chunk in self.chunks:
+            ddp = chunk.ddp_config
+            if ddp.use_distributed_optimizer and not ddp.overlap_param_gather:
+                chunk.start_param_sync()
 
     def step_lr(self) -> None:
         """Advance the LR schedule by one RL iteration."""

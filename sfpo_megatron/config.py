@@ -79,14 +79,32 @@ class OptimizerConfig:
 
 
 @dataclass
+class SFPOConfig:
+    inner_steps: int = 3
+    """K: fast training passes on the same batch before the reposition."""
+    alpha: float = 0.8
+    """Reposition theta0 + alpha (thetaK - theta0)."""
+    adaptive: bool = True
+    """Switch to GRPO for good once the entropy z-score crosses ``tau``."""
+    window: int = 30
+    """omega: entropy values in the z-score window (the current one included)."""
+    tau: float = 1.0
+    one_sided: bool = True
+    """True: switch on Z >= tau (the reference code); False: on |Z| >= tau (the paper)."""
+    snapshot: Literal["gpu", "host"] = "gpu"
+    """Where theta0 is kept: device memory, or pinned host memory (0 extra device bytes)."""
+
+
+@dataclass
 class AlgorithmConfig:
-    name: Literal["grpo"] = "grpo"
+    name: Literal["grpo", "sfpo"] = "sfpo"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     """> clip_eps_low turns on clip-higher (DAPO)."""
     entropy_coef: float = 0.001
     kl_coef: float = 0.0
     """KL-to-reference weight (low-variance k3 estimator); 0 needs no reference model."""
+    sfpo: SFPOConfig = field(default_factory=SFPOConfig)
 
 
 @dataclass
@@ -299,6 +317,11 @@ def validate(cfg: Config) -> None:
         f"algorithm.clip_eps_high={a.clip_eps_high} must be >= algorithm.clip_eps_low",
     )
     _require(a.kl_coef >= 0, f"algorithm.kl_coef={a.kl_coef} must be >= 0")
+    f = a.sfpo
+    _require(f.inner_steps >= 1, f"algorithm.sfpo.inner_steps={f.inner_steps} must be >= 1")
+    _require(0 <= f.alpha <= 1, f"algorithm.sfpo.alpha={f.alpha} must be in [0, 1]")
+    _require(f.window >= 2, f"algorithm.sfpo.window={f.window} must be >= 2")
+    _require(f.tau > 0, f"algorithm.sfpo.tau={f.tau} must be > 0")
     _require(
         cfg.rollout.temperature > 0, f"rollout.temperature={cfg.rollout.temperature} must be > 0"
     )

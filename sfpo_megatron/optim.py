@@ -1,9 +1,15 @@
-"""Megatron's (distributed) optimizer and LR schedule from the run config."""
+"""Megatron's (distributed) optimizer and LR schedule from the run config, and access to the
+master weights it steps (for the SFPO reposition)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from sfpo_megatron.config import Config
@@ -49,3 +55,57 @@ def build_optimizer(cfg: Config, chunks: list) -> tuple[object, OptimizerParamSc
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+@dataclass
+class MasterWeights:
+    """This rank's fp32 master weights, as the optimizer steps them, in place.
+
+    ``paired[i]`` is copied into the low-precision model-param slice ``models[i]`` (for a
+    distributed optimizer: this rank's range of the DDP param buffer); ``alone`` are fp32
+    master weights that are the model params themselves. Only this rank's shard appears.
+    """
+
+    paired: list[torch.Tensor]
+    models: list[torch.Tensor]
+    alone: list[torch.Tensor]
+
+    @property
+    def mains(self) -> list[torch.Tensor]:
+        return self.paired + self.alone
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.mains)
+
+
+def master_weights(optimizer) -> MasterWeights:
+    """The master weights of Megatron's distributed, mixed-precision or fp32 optimizer."""
+    weights = MasterWeights([], [], [])
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if inner.config.use_precision_aware_optimizer:
+            raise NotImplementedError(
+                "use_precision_aware_optimizer keeps master weights inside TE's FusedAdam; "
+                "the SFPO reposition does not support it"
+            )
+        if isinstance(inner, DistributedOptimizer):
+            groups = (
+                inner.shard_fp32_from_float16_groups,
+                inner.shard_float16_groups,
+                inner.shard_fp32_groups,
+            )
+        elif isinstance(inner, Float16OptimizerWithFloat16Params):
+            groups = (
+                inner.fp32_from_float16_groups,
+                inner.float16_groups,
+                inner.fp32_from_fp32_groups,
+            )
+        elif isinstance(inner, FP32Optimizer):
+            groups = ([], [], [g["params"] for g in inner.optimizer.param_groups])
+        else:
+            raise TypeError(f"no master-weight access for {type(inner).__name__}")
+        paired, models, alone = ([t for group in g for t in group] for g in groups)
+        weights.paired += paired
+        weights.models += models
+        weights.alone += alone
+    return weights

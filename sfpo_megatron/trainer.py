@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.actor import Actor
+from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.config import Config
 from sfpo_megatron.distributed import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
@@ -36,9 +37,11 @@ class MetricsLog:
         if iteration % self.interval == 0 or iteration == self.total:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / iteration * (self.total - iteration)
+            mode = "sfpo" if metrics.get("sfpo_active") else "grpo"
+            z = f" z {metrics['entropy_z']:+.2f}" if "entropy_z" in metrics else ""
             print(
-                f"iter {iteration}/{self.total} loss {metrics['pg_loss']:+.4f} "
-                f"entropy {metrics['entropy']:.4f} clip {metrics['clip_frac']:.3f} "
+                f"iter {iteration}/{self.total} {mode} loss {metrics['pg_loss']:+.4f} "
+                f"entropy {metrics['entropy']:.4f}{z} clip {metrics['clip_frac']:.3f} "
                 f"grad_norm {metrics['grad_norm']:.3f} tokens {int(metrics['tokens'])} "
                 f"lr {metrics['lr']:.2e} {metrics['seconds']:.2f}s eta {eta:.0f}s",
                 flush=True,
@@ -46,11 +49,12 @@ class MetricsLog:
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
-    """Run ``train.iterations`` GRPO iterations; returns the metrics of each."""
+    """Run ``train.iterations`` iterations of the configured algorithm; returns the metrics."""
     arch = read_hf_config(cfg.model.hf_config)
     init_distributed(cfg, arch)
     try:
         actor = Actor.build(cfg, arch)
+        update = build_update(cfg.algorithm, actor)
         generator = torch.Generator().manual_seed(cfg.data.seed)
         log = MetricsLog(cfg.logging.output_dir, cfg.train.iterations, cfg.logging.log_interval)
         history = []
@@ -58,7 +62,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
             start = time.perf_counter()
             batch = random_batch(cfg, arch, generator)
             old_logprobs, _ = actor.forward_logprobs(batch)
-            metrics = actor.train_pass(replace(batch, old_logprobs=old_logprobs))
+            metrics = update.step(replace(batch, old_logprobs=old_logprobs))
             metrics["lr"] = actor.scheduler.get_lr(actor.optimizer.param_groups[0])
             actor.step_lr()
             metrics["seconds"] = time.perf_counter() - start

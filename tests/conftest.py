@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
@@ -91,3 +93,11 @@ def torchrun(
             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory):
+    """Megatron results of every layout in tests/layouts.py beside their references."""
+    from layouts import run_all
+
+    return run_all(tmp_path_factory.mktemp("layouts"))

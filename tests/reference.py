@@ -104,53 +104,78 @@ def logprob_entropy(state, arch, tokens, response_mask, temperature=1.0):
     return torch.cat([pad, lp * mask], 1), torch.cat([pad, ent * mask], 1)
 
 
-def train_pass(
-    state,
-    arch,
-    tokens,
-    response_mask,
-    advantages,
-    old_logprobs,
-    *,
-    mini_batch: int,
-    lr: float,
-    weight_decay: float,
-    betas,
-    eps: float,
-    clip: float,
-    clip_low: float,
-    clip_high: float,
-    entropy_coef: float,
-    temperature: float = 1.0,
-):
-    """One GRPO pass: per mini-batch (in order) token-mean loss, clip-by-norm, AdamW step.
+class Policy:
+    """Reference trainer: one AdamW over all weights, kept across passes (as Megatron's is).
 
-    Weight decay skips 1-D tensors and biases, like Megatron. Returns the new state and
-    the per-step gradient norms.
+    Weight decay skips 1-D tensors and biases, like Megatron. Each pass takes the batch's
+    mini-batches in order; each is a token-mean GRPO loss, clip-by-norm, one AdamW step.
     """
-    params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
-    decay = [p for k, p in params.items() if p.dim() > 1 and not k.endswith(".bias")]
-    no_decay = [p for k, p in params.items() if p.dim() <= 1 or k.endswith(".bias")]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=betas,
-        eps=eps,
-    )
-    norms = []
-    for start in range(0, tokens.shape[0], mini_batch):
-        rows = slice(start, start + mini_batch)
-        lp, ent = logprob_entropy(params, arch, tokens[rows], response_mask[rows], temperature)
-        mask = response_mask[rows].float()
-        adv = advantages[rows, None]
-        ratio = torch.exp(lp - old_logprobs[rows])
-        pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
-        loss = ((pg - entropy_coef * ent) * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip)))
-        opt.step()
-    return {k: v.detach() for k, v in params.items()}, norms
+
+    def __init__(
+        self,
+        state,
+        arch,
+        *,
+        mini_batch: int,
+        lr: float,
+        weight_decay: float,
+        betas,
+        eps: float,
+        clip: float,
+        clip_low: float,
+        clip_high: float,
+        entropy_coef: float,
+        temperature: float = 1.0,
+    ):
+        self.arch, self.mini_batch, self.clip = arch, mini_batch, clip
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.entropy_coef, self.temperature = entropy_coef, temperature
+        self.params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+        decay = [p for k, p in self.params.items() if p.dim() > 1 and not k.endswith(".bias")]
+        no_decay = [p for k, p in self.params.items() if p.dim() <= 1 or k.endswith(".bias")]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=betas,
+            eps=eps,
+        )
+        self.steps = 0
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    def train_pass(self, tokens, response_mask, advantages, old_logprobs) -> list[float]:
+        """One pass; returns the gradient norm of each step."""
+        norms = []
+        for start in range(0, tokens.shape[0], self.mini_batch):
+            rows = slice(start, start + self.mini_batch)
+            lp, ent = logprob_entropy(
+                self.params, self.arch, tokens[rows], response_mask[rows], self.temperature
+            )
+            mask = response_mask[rows].float()
+            adv = advantages[rows, None]
+            ratio = torch.exp(lp - old_logprobs[rows])
+            pg = torch.maximum(
+                -adv * ratio, -adv * ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
+            )
+            loss = ((pg - self.entropy_coef * ent) * mask).sum() / mask.sum()
+            self.optimizer.zero_grad()
+            loss.backward()
+            params = list(self.params.values())
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.clip)))
+            self.optimizer.step()
+            self.steps += 1
+        return norms
+
+    def sfpo_iteration(self, batch: dict, inner_steps: int, alpha: float) -> None:
+        """The spec's formula: K passes, theta = theta0 + alpha (thetaK - theta0), one pass."""
+        theta0 = self.state()
+        for _ in range(inner_steps):
+            self.train_pass(**batch)
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(theta0[name] + alpha * (param - theta0[name]))
+        self.train_pass(**batch)

@@ -31,11 +31,16 @@ def test_train_prints_progress_and_writes_metrics(tmp_path):
     proc = run_cli("train", str(CONFIG), "train.iterations=3", f"logging.output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("iter ")]
-    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert [line.split()[1:3] for line in lines] == [
+        ["1/3", "sfpo"],
+        ["2/3", "sfpo"],
+        ["3/3", "sfpo"],
+    ]
     records = read_metrics(tmp_path)
     assert [r["iteration"] for r in records] == [1, 2, 3]
-    for record in records:
-        assert record["optimizer_steps"] == 2 and record["tokens"] > 0
+    for record in records:  # SFPO, K = 3: 3 fast passes + 1 slow pass of 2 mini-batches each
+        assert record["optimizer_steps"] == 2 and record["fast_optimizer_steps"] == 6
+        assert record["tokens"] > 0
         assert 0 < record["grad_norm"] < 100 and abs(record["pg_loss"]) < 10
 
 

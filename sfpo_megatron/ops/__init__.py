@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from sfpo_megatron.ops import _fallback
+from sfpo_megatron.ops.host_stream import reposition_from_host_
+from sfpo_megatron.ops.layout import chunk_segments, snapshot_views
 
 try:
     from sfpo_megatron import _C
@@ -20,7 +22,15 @@ except ImportError as _exc:
 else:
     _IMPORT_ERROR = ""
 
-__all__ = ["backend", "extension_available", "reposition_"]
+__all__ = [
+    "backend",
+    "chunk_segments",
+    "extension_available",
+    "reposition_",
+    "reposition_from_host_",
+    "snapshot_",
+    "snapshot_views",
+]
 
 logger = logging.getLogger("sfpo_megatron.ops")
 
@@ -42,7 +52,7 @@ def extension_available() -> bool:
 
 
 def backend() -> str:
-    """The backend reposition_ uses: "extension-cuda", "extension-cpu" or "torch"."""
+    """The backend the ops use: "extension-cuda", "extension-cpu" or "torch"."""
     if _C is None or _forced_torch():
         return "torch"
     return "extension-cuda" if _C.has_cuda() else "extension-cpu"
@@ -60,6 +70,19 @@ def _warn_fallback_once(reason: str) -> None:
         )
 
 
+def _use_extension(first: torch.Tensor | None) -> bool:
+    """Whether _C can take tensors like ``first``; warns once when the fallback has to stand in."""
+    if _forced_torch():
+        return False
+    if _C is None:
+        _warn_fallback_once(f"the C++ extension sfpo_megatron._C is not built ({_IMPORT_ERROR})")
+        return False
+    if first is not None and first.is_cuda and not _C.has_cuda():
+        _warn_fallback_once("sfpo_megatron._C was built without CUDA kernels")
+        return False
+    return True
+
+
 def reposition_(
     main: Sequence[torch.Tensor],
     snap: Sequence[torch.Tensor],
@@ -73,14 +96,23 @@ def reposition_(
     """
     main, snap = list(main), list(snap)
     model = None if model is None else list(model)
-    if _forced_torch():
-        _fallback.reposition_(main, snap, model, alpha)
-        return
-    if _C is None:
-        _warn_fallback_once(f"the C++ extension sfpo_megatron._C is not built ({_IMPORT_ERROR})")
-    elif main and main[0].is_cuda and not _C.has_cuda():
-        _warn_fallback_once("sfpo_megatron._C was built without CUDA kernels")
-    else:
+    if _use_extension(main[0] if main else None):
         _C.reposition_(main, snap, model, float(alpha))
-        return
-    _fallback.reposition_(main, snap, model, alpha)
+    else:
+        _fallback.reposition_(main, snap, model, alpha)
+
+
+def snapshot_(srcs: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy the fp32 contiguous srcs into flat back to back (the ``snapshot_views`` layout).
+
+    flat is 1-D fp32 contiguous with at least the srcs' total element count, on the srcs' device
+    or, for CUDA srcs, on the CPU. On CUDA the copies are queued on the current stream and the call
+    returns at once: record an event to know when flat is complete, and keep srcs unchanged and
+    alive until then. A CPU flat should be pinned; a pageable one is still filled correctly, but
+    each copy then blocks the host until it is done. On the CPU the call returns when flat is full.
+    """
+    srcs = list(srcs)
+    if _use_extension(srcs[0] if srcs else None):
+        _C.snapshot_(srcs, flat)
+    else:
+        _fallback.snapshot_(srcs, flat)

@@ -1,8 +1,10 @@
-"""Pure-torch reposition, bit-identical to the C++/CUDA kernels so either backend can be used."""
+"""Pure-torch reposition and snapshot, bit-identical to the C++/CUDA kernels: either may be used."""
 
 from collections.abc import Sequence
 
 import torch
+
+from sfpo_megatron.ops.layout import check_flat, snapshot_views
 
 _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,3 +69,39 @@ def reposition_(
         flat_main.sub_(flat_snap).mul_(alpha).add_(flat_snap)
         if model is not None:
             model[i].view(-1).copy_(flat_main)
+
+
+def check_snapshot_inputs(srcs: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Validate like csrc/binding.cpp (same order and wording) so both backends fail alike."""
+    for i, s in enumerate(srcs):
+        if s.dtype != torch.float32:
+            raise TypeError(f"snapshot_: srcs[{i}] must be float32, got {s.dtype}")
+        if s.device != srcs[0].device:
+            raise ValueError(
+                f"snapshot_: srcs[{i}] is on {s.device} but srcs[0] is on {srcs[0].device}"
+            )
+        if not s.is_contiguous():
+            raise ValueError(f"snapshot_: srcs[{i}] must be contiguous")
+    host_copy = bool(srcs) and srcs[0].is_cuda and flat.device.type == "cpu"
+    if srcs and flat.device != srcs[0].device and not host_copy:
+        raise ValueError(
+            f"snapshot_: flat is on {flat.device} but srcs[0] is on {srcs[0].device}; flat must be "
+            "on the same device, or on the CPU for CUDA srcs"
+        )
+    check_flat(flat, sum(s.numel() for s in srcs), "snapshot_: flat")
+
+
+@torch.no_grad()
+def snapshot_(srcs: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy srcs into consecutive views of flat; device->host copies are non-blocking."""
+    check_snapshot_inputs(srcs, flat)
+    if not srcs:
+        return
+    views = snapshot_views(flat, srcs)
+    flat_srcs = [s.view(-1) for s in srcs]
+    if flat.device == srcs[0].device:
+        torch._foreach_copy_(views, flat_srcs)
+        return
+    # _foreach_copy_ wants one device; per-tensor copies keep device->pinned-host copies async.
+    for view, src in zip(views, flat_srcs, strict=True):
+        view.copy_(src, non_blocking=True)

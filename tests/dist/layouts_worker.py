@@ -1,5 +1,6 @@
-"""Run the actor under several parallel layouts in one torchrun launch (start-up dominates
-the cost on CPU). Rank 0 saves each layout's results for the tests to compare.
+"""Run one update (the configured algorithm: a GRPO pass or an SFPO iteration) under several
+parallel layouts in one torchrun launch (start-up dominates the cost on CPU). Rank 0 saves
+each layout's log-probs before the update, metrics, and full state after it.
 
 Usage: torchrun --nproc_per_node N layouts_worker.py SPEC.json
 SPEC: {"layouts": {name: {"overrides": [...], "state": path, "batch": path}}, "out": dir}
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.actor import Actor
+from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.batch import PolicyBatch
 from sfpo_megatron.config import load_config
 from sfpo_megatron.distributed import init_distributed, shutdown
@@ -32,7 +34,7 @@ def run_layout(overrides, state, batch_data):
     actor = Actor(cfg, arch, chunks, *build_optimizer(cfg, chunks))
     batch = PolicyBatch(**batch_data)
     logprobs, entropy = actor.forward_logprobs(PolicyBatch(batch.tokens, batch.response_mask))
-    metrics = actor.train_pass(batch)
+    metrics = build_update(cfg.algorithm, actor).step(batch)
     after = gather_full_state(chunks, arch.vocab_size)
     return {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "state": after}
 
