@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
 from sfpo_megatron.losses import (
     LOSS_STATS,
@@ -80,8 +81,11 @@ class Actor:
         self._connect_schedule_hooks()
 
     @classmethod
-    def build(cls, cfg: Config, arch: ModelArch) -> Actor:
+    def build(cls, cfg: Config, arch: ModelArch, checkpoint: HFCheckpoint | None = None) -> Actor:
+        """The model (weights from ``checkpoint`` if given, else random), optimizer, schedule."""
         chunks = build_model(cfg, arch)
+        if checkpoint is not None:
+            load_hf_weights(chunks, arch, checkpoint)
         optimizer, scheduler = build_optimizer(cfg, chunks)
         return cls(cfg, arch, chunks, optimizer, scheduler)
 

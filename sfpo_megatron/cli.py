@@ -1,5 +1,8 @@
-"""Command line: ``sfpo-megatron train CONFIG.yaml [key.sub=value ...]`` (plain python for one
-process, torchrun or srun for many)."""
+"""Command line (plain python for one process, torchrun or srun for many):
+
+sfpo-megatron train CONFIG.yaml [key.sub=value ...]
+sfpo-megatron export-hf CONFIG.yaml OUT_DIR [key.sub=value ...]
+"""
 
 from __future__ import annotations
 
@@ -14,23 +17,34 @@ from sfpo_megatron.config import ConfigError, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sfpo-megatron", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run training iterations")
-    train.add_argument("config", help="YAML run config")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train_cmd = commands.add_parser("train", help="run training iterations")
+    export_cmd = commands.add_parser(
+        "export-hf", help="load the configured model through Megatron and save it as HF"
+    )
+    for command in (train_cmd, export_cmd):
+        command.add_argument("config", help="YAML run config")
+        if command is export_cmd:
+            command.add_argument("out", help="output directory (replaced once complete)")
+        command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
-        print(f"sfpo-megatron: config error: {error}", file=sys.stderr)
+        print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2
-    from sfpo_megatron.trainer import train as run_training
+    from sfpo_megatron.checkpoint_io.hf_import import CheckpointError
+    from sfpo_megatron.models.arch import UnsupportedModelError
+    from sfpo_megatron.trainer import export_hf, train
 
     try:
-        run_training(cfg)
-    except ConfigError as error:
-        print(f"sfpo-megatron: config error: {error}", file=sys.stderr)
+        if args.command == "train":
+            train(cfg)
+        else:
+            export_hf(cfg, args.out)
+    except (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError) as error:
+        print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     hf_config: str = ""
-    """Path to a Hugging Face ``config.json`` (or the directory holding it)."""
+    """Path to a Hugging Face checkpoint directory (or its ``config.json``)."""
+    load_weights: bool = True
+    """Import the directory's safetensors weights; false = random init from the config."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Parameter dtype; bf16/fp16 keep fp32 main params in the optimizer."""
     seed: int = 1234
@@ -132,6 +134,9 @@ class CheckpointConfig:
     dir: str | None = None
     interval: int = 0
     """Save every this many iterations; 0 = only at the end when ``dir`` is set."""
+    export_hf_dir: str | None = None
+    """At the end of training, write the policy here as a HF checkpoint."""
+    export_shard_mb: int = 2048
 
 
 @dataclass
@@ -333,6 +338,10 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.data.max_prompt_length >= 1,
         f"data.max_prompt_length={cfg.data.max_prompt_length} must be >= 1",
+    )
+    _require(
+        cfg.checkpoint.export_shard_mb >= 1,
+        f"checkpoint.export_shard_mb={cfg.checkpoint.export_shard_mb} must be >= 1",
     )
     _require(
         cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0"

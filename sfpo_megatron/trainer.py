@@ -1,4 +1,5 @@
-"""The training loop. For now on synthetic batches: rollouts and rewards plug in here later."""
+"""The training loop (for now on synthetic batches: rollouts and rewards plug in here later),
+and the HF export entry point."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch.distributed as dist
 
 from sfpo_megatron.actor import Actor
 from sfpo_megatron.algorithms import build_update
+from sfpo_megatron.checkpoint_io.hf_export import save_hf
+from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
 from sfpo_megatron.distributed import init_distributed, shutdown
-from sfpo_megatron.models.arch import read_hf_config
+from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
+from sfpo_megatron.models.gpt import build_model
 from sfpo_megatron.synthetic import random_batch
 
 
@@ -48,26 +52,60 @@ class MetricsLog:
             )
 
 
+def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
+    """Check the config against the model and its weights (before anything is started or
+    written), then start the process groups. Returns the model shape and its weights."""
+    arch = read_hf_config(cfg.model.hf_config)
+    checkpoint = None
+    if cfg.model.load_weights:
+        checkpoint = HFCheckpoint(hf_directory(cfg.model.hf_config))
+        checkpoint.validate(arch)
+    init_distributed(cfg, arch)
+    return arch, checkpoint
+
+
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run ``train.iterations`` iterations of the configured algorithm; returns the metrics."""
-    arch = read_hf_config(cfg.model.hf_config)
-    init_distributed(cfg, arch)
+    arch, checkpoint = start(cfg)
     try:
-        actor = Actor.build(cfg, arch)
+        actor = Actor.build(cfg, arch, checkpoint)
         update = build_update(cfg.algorithm, actor)
         generator = torch.Generator().manual_seed(cfg.data.seed)
         log = MetricsLog(cfg.logging.output_dir, cfg.train.iterations, cfg.logging.log_interval)
         history = []
         for iteration in range(1, cfg.train.iterations + 1):
-            start = time.perf_counter()
+            start_time = time.perf_counter()
             batch = random_batch(cfg, arch, generator)
             old_logprobs, _ = actor.forward_logprobs(batch)
             metrics = update.step(replace(batch, old_logprobs=old_logprobs))
             metrics["lr"] = actor.scheduler.get_lr(actor.optimizer.param_groups[0])
             actor.step_lr()
-            metrics["seconds"] = time.perf_counter() - start
+            metrics["seconds"] = time.perf_counter() - start_time
             log(iteration, metrics)
             history.append(metrics)
+        if cfg.checkpoint.export_hf_dir:
+            save_hf(
+                actor.chunks,
+                arch,
+                hf_directory(cfg.model.hf_config),
+                cfg.checkpoint.export_hf_dir,
+                cfg.checkpoint.export_shard_mb,
+            )
         return history
+    finally:
+        shutdown()
+
+
+def export_hf(cfg: Config, out: str) -> None:
+    """Load the configured model through Megatron (resharded to the configured layout) and
+    write it back as a HF checkpoint at ``out``."""
+    arch, checkpoint = start(cfg)
+    try:
+        chunks = build_model(cfg, arch)
+        if checkpoint is not None:
+            load_hf_weights(chunks, arch, checkpoint)
+        save_hf(
+            chunks, arch, hf_directory(cfg.model.hf_config), out, cfg.checkpoint.export_shard_mb
+        )
     finally:
         shutdown()

@@ -87,11 +87,15 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def hf_directory(path: str | Path) -> Path:
+    """The checkpoint directory of ``model.hf_config`` (a directory or its config.json)."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def read_hf_config(path: str | Path) -> ModelArch:
     """Parse a HF ``config.json`` (or a directory holding one) of a supported family."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
+    path = hf_directory(path) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no Hugging Face config.json at {path}")
     cfg = json.loads(path.read_text())

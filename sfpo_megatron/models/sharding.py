@@ -15,16 +15,24 @@ from megatron.core import parallel_state
 from sfpo_megatron.models.gpt import unwrap
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# Transformer Engine's spec fuses the pre-attention / pre-MLP norms into the next linear.
+_TE_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 VOCAB_ROWS = (EMBEDDING, OUTPUT)
 
 
-def local_parameters(chunks: list) -> Iterator[tuple[str, torch.nn.Parameter]]:
+def local_parameters(
+    chunks: list, tied_copy: bool = True
+) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(full name, parameter) for every parameter of this rank's chunks.
 
     Layer indices are made global from each layer's ``layer_number``; a tied output layer
-    on the last pipeline stage is reported under the embedding's name.
+    on the last pipeline stage is reported under the embedding's name (or, with
+    ``tied_copy=False``, left out: the first stage holds the same tensor).
     """
     for chunk in chunks:
         model = unwrap(chunk)
@@ -32,8 +40,11 @@ def local_parameters(chunks: list) -> Iterator[tuple[str, torch.nn.Parameter]]:
             match = _LAYER.match(name)
             if match:
                 layer = model.decoder.layers[int(match.group(1))]
-                name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
+                rest = name[match.end() :]
+                name = f"decoder.layers.{layer.layer_number - 1}.{_TE_NAMES.get(rest, rest)}"
             elif name == OUTPUT and model.share_embeddings_and_output_weights:
+                if not tied_copy:
+                    continue
                 name = EMBEDDING
             yield name, param
 
@@ -54,7 +65,16 @@ def shard_of(full: torch.Tensor, param: torch.nn.Parameter, glu: bool) -> torch.
     return full.chunk(tp, dim=dim)[rank]
 
 
-def _unshard(local: torch.Tensor, param: torch.nn.Parameter, glu: bool) -> torch.Tensor:
+def sync_params(chunks: list) -> None:
+    """Finish any overlapped parameter all-gather, so every rank's params are current."""
+    for chunk in chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
+def unshard(name: str, param: torch.nn.Parameter, chunks: list) -> torch.Tensor:
+    """The full tensor of a parameter, gathered over the TP group (vocabulary still padded)."""
+    local, glu = param.detach(), _is_glu_fc1(name, chunks)
     if not getattr(param, "tensor_model_parallel", False):
         return local
     group = parallel_state.get_tensor_model_parallel_group()
@@ -104,12 +124,10 @@ def load_full_state(chunks: list, state: dict[str, torch.Tensor]) -> None:
 def gather_full_state(chunks: list, vocab_size: int) -> dict[str, torch.Tensor]:
     """The full state on every rank (small models: tests, tools). Waits for any overlapped
     parameter all-gather first, so the values are those after the last optimizer step."""
-    for chunk in chunks:
-        if chunk.ddp_config.overlap_param_gather:
-            chunk.start_param_sync(force_sync=True)
+    sync_params(chunks)
     stage: dict[str, torch.Tensor] = {}
     for name, param in local_parameters(chunks):
-        full = _unshard(param.detach(), param, _is_glu_fc1(name, chunks))
+        full = unshard(name, param, chunks)
         stage[name] = (full[:vocab_size] if name in VOCAB_ROWS else full).cpu()
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return stage
