@@ -136,7 +136,7 @@ class CheckpointConfig:
     """Save every this many iterations; 0 = only at the end when ``dir`` is set."""
     export_hf_dir: str | None = None
     """At the end of training, write the policy here as a HF checkpoint."""
-    export_shard_mb: int = 2048
+    export_shard_mb: float = 2048
 
 
 @dataclass
@@ -340,8 +340,8 @@ def validate(cfg: Config) -> None:
         f"data.max_prompt_length={cfg.data.max_prompt_length} must be >= 1",
     )
     _require(
-        cfg.checkpoint.export_shard_mb >= 1,
-        f"checkpoint.export_shard_mb={cfg.checkpoint.export_shard_mb} must be >= 1",
+        cfg.checkpoint.export_shard_mb > 0,
+        f"checkpoint.export_shard_mb={cfg.checkpoint.export_shard_mb} must be > 0",
     )
     _require(
         cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0"

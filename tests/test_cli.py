@@ -28,7 +28,13 @@ def read_metrics(directory) -> list[dict]:
 
 
 def test_train_prints_progress_and_writes_metrics(tmp_path):
-    proc = run_cli("train", str(CONFIG), "train.iterations=3", f"logging.output_dir={tmp_path}")
+    proc = run_cli(
+        "train",
+        str(CONFIG),
+        "train.iterations=3",
+        f"logging.output_dir={tmp_path}",
+        f"checkpoint.export_hf_dir={tmp_path / 'hf'}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("iter ")]
     assert [line.split()[1:3] for line in lines] == [
@@ -42,6 +48,12 @@ def test_train_prints_progress_and_writes_metrics(tmp_path):
         assert record["optimizer_steps"] == 2 and record["fast_optimizer_steps"] == 6
         assert record["tokens"] > 0
         assert 0 < record["grad_norm"] < 100 and abs(record["pg_loss"]) < 10
+    # the trained policy, exported at the end, loads in transformers with every weight
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.tie_word_embeddings
 
 
 def test_same_run_under_tp2_gives_the_same_losses(tmp_path):

@@ -21,6 +21,7 @@ from conftest import REPO, TESTS, TINY, torchrun
 
 MODELS = {  # name -> (family, overrides); vocab 300 / 260: not multiples of TP x 128
     "qwen2": ("qwen2", {}),
+    "qwen2_sharded": ("qwen2", {"save_max_shard_size": "60KB"}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3_tied": ("qwen3", {}),
     "llama": ("llama", {}),
@@ -34,8 +35,9 @@ LAYOUTS = {
 BUCKET_MB = 0.02
 
 
-def save_random_hf_model(directory, family, **overrides):
-    """A transformers model with every weight random (norms near 1), saved as safetensors."""
+def save_random_hf_model(directory, family, save_max_shard_size="5GB", **overrides):
+    """A transformers model with every weight random (norms near 1), saved as safetensors
+    (sharded with an index when larger than ``save_max_shard_size``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
@@ -47,7 +49,7 @@ def save_random_hf_model(directory, family, **overrides):
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0, 0.1)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=save_max_shard_size)
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     return model
 
@@ -69,6 +71,7 @@ def hf_runs(tmp_path_factory):
         "train.samples_per_prompt=2",
         "train.mini_batch_prompts=2",
         "train.micro_batch_size=1",
+        f"checkpoint.export_shard_mb={BUCKET_MB}",
     ]
     for world in (1, 2, 4):
         cases = {
@@ -116,13 +119,16 @@ def test_logprobs_entropy_over_real_vocab(hf_runs, model, layout):
 def test_export_is_byte_identical(hf_runs, model, layout):
     root, expected, _ = hf_runs
     source, exported = expected[model]["dir"], root / "out" / f"{model}-{layout}"
-    original = load_file(str(source / "model.safetensors"))
+    original = {k: v for f in source.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     files = sorted(exported.glob("*.safetensors"))
-    if len(files) > 1:
-        index = json.loads((exported / "model.safetensors.index.json").read_text())
-        assert sorted(index["weight_map"].values()) == sorted(
-            f.name for f in files for _ in safe_open(str(f), "pt").keys()
-        )
+    assert len(files) > 1  # saved with small shards: the index path
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"].values()) == sorted(
+        f.name for f in files for _ in safe_open(str(f), "pt").keys()
+    )
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in original.values()
+    )
     saved = {k: v for f in files for k, v in load_file(str(f)).items()}
     assert set(saved) == set(original)
     for name, tensor in original.items():

@@ -52,7 +52,8 @@ def run_case(overrides, tokens, out_dir, bucket_mb):
     result["buckets"] = [sum(t.numel() * t.element_size() for _, t in b)
                          for b in export_stream(chunks, arch, bucket_mb)]
     result["bucket_tensors"] = [len(b) for b in export_stream(chunks, arch, bucket_mb)]
-    save_hf(chunks, arch, hf_directory(cfg.model.hf_config), out_dir)
+    save_hf(chunks, arch, hf_directory(cfg.model.hf_config), out_dir,
+            cfg.checkpoint.export_shard_mb)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     return result if last and parallel_state.get_tensor_model_parallel_rank() == 0 else None
 
