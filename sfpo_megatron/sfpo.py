@@ -74,6 +74,7 @@ class Snapshot:
         self.weights = weights
         self.placement = placement
         self.buffer: torch.Tensor | None = None
+        self._side: torch.cuda.Stream | None = None
         self._copied: torch.cuda.Event | None = None
 
     def _allocate(self) -> torch.Tensor:
@@ -89,9 +90,9 @@ class Snapshot:
         if self.buffer.device == mains[0].device:
             ops.snapshot_(mains, self.buffer)
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self._side = self._side or torch.cuda.Stream()
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
             ops.snapshot_(mains, self.buffer)
             self._copied = torch.cuda.Event()
             self._copied.record()
