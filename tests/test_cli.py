@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, torchrun
+from conftest import REPO, free_port, torchrun
 
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
@@ -80,3 +80,45 @@ def test_config_errors_exit_2_with_the_key(tmp_path):
     assert "parallel.tensor=3 must divide the model's num_attention_heads=4" in proc.stderr
     proc = run_cli("train", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+def test_slurm_style_launch_without_torchrun(tmp_path):
+    """Two tasks started the way srun starts them (SLURM_* variables, no torchrun)."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODELIST": "localhost",
+            "MASTER_PORT": str(port),
+        }
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sfpo_megatron.cli",
+                    "train",
+                    str(CONFIG),
+                    "train.iterations=1",
+                    "parallel.tensor=2",
+                    "parallel.timeout_s=120",
+                    f"logging.output_dir={tmp_path}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:]
+    assert "iter 1/1 sfpo" in outputs[0][0]
+    assert read_metrics(tmp_path)[0]["optimizer_steps"] == 2
