@@ -1,0 +1,235 @@
+"""The embedded rollout engine against transformers: weights arrive only through the export
+stream's buckets, and every reported log-prob is what a plain full forward of the same model
+gives for log_softmax(logits / temperature) (the actor's quantity), with left padding, n > 1,
+top-k and top-p active; seeds, stop tokens and lengths behave as documented."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sfpo_megatron.rollout import NO_WEIGHTS, Sample, SamplingParams
+from sfpo_megatron.rollout.embedded import EmbeddedEngine, sample_token
+
+from conftest import write_hf_config
+
+FAMILIES = {"qwen2": ("qwen2", {}), "qwen3_tied": ("qwen3", {})}
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12], [42], [7, 7, 7, 7, 7]]
+
+
+def random_model(directory, family, **overrides):
+    """A tiny transformers model with random weights; only its config.json is on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_hf_config(directory, family, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.2)
+    return model.eval()
+
+
+def export_buckets(model, size=7):
+    """The model's tensors as the export stream carries them: HF names, several buckets, no
+    ``lm_head.weight`` when it is tied to the embedding."""
+    tied = model.config.tie_word_embeddings
+    items = [(n, t.clone()) for n, t in model.state_dict().items() if not (tied and "lm_head" in n)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def setup(request, tmp_path_factory):
+    family, overrides = FAMILIES[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    model = random_model(directory, family, **overrides)
+    engine = EmbeddedEngine(directory)
+    engine.update_weights(export_buckets(model), version=5)
+    return model, engine, directory
+
+
+def reference_logprobs(model, sample: Sample, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) of each output token from one unpadded full forward."""
+    ids = torch.tensor([sample.prompt_ids + sample.output_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0] / temperature
+    start = len(sample.prompt_ids) - 1
+    logp = torch.log_softmax(logits[start:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(sample.output_ids)[:, None]).squeeze(-1)
+
+
+def test_weights_come_from_the_stream(setup):
+    model, engine, _ = setup
+    assert engine.weight_version() == 5 and engine.health()
+    got = engine.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+    if model.config.tie_word_embeddings:
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+def test_update_errors_name_the_tensor(tmp_path):
+    model = random_model(tmp_path, "qwen3")
+    engine = EmbeddedEngine(tmp_path)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="no weights loaded"):
+        engine.generate([[1]], params)
+    assert engine.weight_version() == NO_WEIGHTS and not engine.health()
+
+    buckets = export_buckets(model)
+    with pytest.raises(ValueError, match=r"missing.*model\.norm\.weight"):
+        engine.update_weights([[x for x in b if x[0] != "model.norm.weight"] for b in buckets], 1)
+    with pytest.raises(ValueError, match=r"unknown.*lm_head\.weight.*tied"):
+        engine.update_weights([*buckets, [("lm_head.weight", model.lm_head.weight)]], 1)
+    with pytest.raises(ValueError, match=r"unknown.*model\.extra"):
+        engine.update_weights([*buckets, [("model.extra", torch.zeros(1))]], 1)
+    with pytest.raises(ValueError, match=r"more than once.*model\.norm\.weight"):
+        engine.update_weights([*buckets, [("model.norm.weight", model.model.norm.weight)]], 1)
+    bad = [[(n, t[:-1] if n == "model.embed_tokens.weight" else t) for n, t in b] for b in buckets]
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight has shape \(299, 64\)"):
+        engine.update_weights(bad, 1)
+    assert not engine.health(), "a failed update must not leave the engine serving"
+
+    engine.update_weights(buckets, 0)
+    assert engine.health() and engine.weight_version() == 0
+    engine.release_memory()  # CPU: no-ops that keep the engine serving
+    engine.resume_memory()
+    assert engine.health() and len(engine.generate([[1]], params)) == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_full_forward(setup, temperature):
+    model, engine, _ = setup
+    params = SamplingParams(
+        n=3, temperature=temperature, top_p=0.9, top_k=20, max_new_tokens=10, seed=11
+    )
+    samples = engine.generate(PROMPTS, params)
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    for sample in samples:
+        assert sample.prompt_ids == PROMPTS[sample.prompt_index]
+        assert sample.weight_version == 5 and sample.finish_reason == "length"
+        assert len(sample.output_ids) == len(sample.output_logprobs) == 10
+        ref = reference_logprobs(model, sample, temperature)
+        torch.testing.assert_close(torch.tensor(sample.output_logprobs), ref, rtol=0, atol=1e-5)
+    for index in range(len(PROMPTS)):
+        group = {tuple(s.output_ids) for s in samples if s.prompt_index == index}
+        assert len(group) > 1, "the n samples of a prompt are independent rows"
+
+
+def test_bad_prompts_are_refused(setup):
+    _, engine, _ = setup
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], params)
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 300\): \[300\]"):
+        engine.generate([[1, 300]], params)
+
+
+def test_logprobs_exact_in_float64(setup):
+    """In float64 the only difference left is the engine's fp32 log-softmax rounding: the
+    padding, positions and cache are exact, not merely within fp32 noise."""
+    model, _, directory = setup
+    model = copy.deepcopy(model).double()
+    engine = EmbeddedEngine(directory, dtype=torch.float64)
+    engine.update_weights(export_buckets(model), version=0)
+    params = SamplingParams(n=2, temperature=0.7, top_k=20, max_new_tokens=20, seed=1)
+    for sample in engine.generate(PROMPTS, params):
+        ref = reference_logprobs(model, sample, 0.7)
+        got = torch.tensor(sample.output_logprobs, dtype=torch.float64)
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+
+
+def test_seed_determinism(setup):
+    _, engine, _ = setup
+    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    first = engine.generate(PROMPTS, params)
+    assert engine.generate(PROMPTS, params) == first
+    other = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=4))
+    assert [s.output_ids for s in other] != [s.output_ids for s in first]
+
+
+def test_top_k_one_is_argmax(setup):
+    model, engine, _ = setup
+    samples = engine.generate(PROMPTS, SamplingParams(top_k=1, max_new_tokens=6, seed=0))
+    for sample in samples:
+        ids = torch.tensor([sample.prompt_ids + sample.output_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(sample.prompt_ids) - 1 : -1]
+        assert sample.output_ids == logits.argmax(-1).tolist()
+
+
+def test_stop_token_ends_the_sample(setup):
+    model, engine, _ = setup
+    greedy = SamplingParams(top_k=1, max_new_tokens=6)
+    stop = engine.generate([PROMPTS[1]], greedy)[0].output_ids[3]
+    params = SamplingParams(top_k=1, max_new_tokens=6, stop_token_ids=(stop,))
+    sample = engine.generate([PROMPTS[1]], params)[0]
+    first = sample.output_ids.index(stop)
+    assert sample.finish_reason == "stop" and len(sample.output_ids) == first + 1 <= 4
+
+    # Half the vocabulary stops: rows finish at different steps within one batch.
+    stops = tuple(range(0, model.config.vocab_size, 2))
+    params = SamplingParams(n=4, max_new_tokens=8, stop_token_ids=stops, seed=2)
+    samples = engine.generate(PROMPTS, params)
+    assert len({len(s.output_ids) for s in samples}) > 1
+    for sample in samples:
+        ended = sample.output_ids[-1] in stops
+        assert sample.finish_reason == ("stop" if ended else "length")
+        assert not set(sample.output_ids[:-1]) & set(stops)
+        assert ended or len(sample.output_ids) == 8
+        ref = reference_logprobs(model, sample, 1.0)
+        torch.testing.assert_close(torch.tensor(sample.output_logprobs), ref, rtol=0, atol=1e-5)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    generator = torch.Generator().manual_seed(0)
+    for top_p, support in [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.1, {0}), (1.0, {0, 1, 2, 3})]:
+        params = SamplingParams(top_p=top_p, max_new_tokens=1)
+        drawn = set()
+        for _ in range(400):
+            token, logprob = sample_token(probs.log(), params, generator)
+            drawn.add(token.item())
+            assert logprob.item() == pytest.approx(probs[0, token.item()].log().item())
+        assert drawn == support, top_p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_release_and_resume_on_cuda(setup):
+    model, _, directory = setup
+    engine = EmbeddedEngine(directory, device="cuda")
+    engine.update_weights(export_buckets(model), version=1)
+    params = SamplingParams(n=2, max_new_tokens=8, seed=7)
+    before = engine.generate(PROMPTS, params)
+    allocated = torch.cuda.memory_allocated()
+    engine.release_memory()
+    assert torch.cuda.memory_allocated() < allocated and engine.health()
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        engine.generate(PROMPTS, params)
+    engine.resume_memory()
+    assert engine.generate(PROMPTS, params) == before
+    if model.config.tie_word_embeddings:
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "n": 0}, "n"),
+        ({"max_new_tokens": 2, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": 2, "top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 2, "top_k": 0}, "top_k"),
+        ({"max_new_tokens": 2, "stop_token_ids": (-1,)}, "stop_token_ids"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "seed": "x"}, "seed"),
+    ],
+)
+def test_sampling_params_validation(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        SamplingParams(**kwargs)
