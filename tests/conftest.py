@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -57,6 +59,25 @@ def write_hf_config(directory: Path, model_type: str, **overrides) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     cls(**{**TINY[model_type], **overrides}).save_pretrained(directory)
     return directory
+
+
+def save_random_hf_model(directory, family, save_max_shard_size="5GB", **overrides):
+    """A transformers model with every weight random (norms near 1), saved as safetensors
+    (sharded with an index when larger than ``save_max_shard_size``)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**{**TINY[family], **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    model.save_pretrained(directory, max_shard_size=save_max_shard_size)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+    return model
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sfpo_megatron.checkpoint_io.hf_import import CheckpointError, HFCheckpoint
 from sfpo_megatron.models.arch import read_hf_config
 
-from conftest import REPO, TESTS, TINY, torchrun
+from conftest import REPO, TESTS, save_random_hf_model, torchrun
 
 MODELS = {  # name -> (family, overrides); vocab 300 / 260: not multiples of TP x 128
     "qwen2": ("qwen2", {}),
@@ -33,25 +33,6 @@ LAYOUTS = {
     "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
 BUCKET_MB = 0.02
-
-
-def save_random_hf_model(directory, family, save_max_shard_size="5GB", **overrides):
-    """A transformers model with every weight random (norms near 1), saved as safetensors
-    (sharded with an index when larger than ``save_max_shard_size``)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
-
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cls(**{**TINY[family], **overrides}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.1)
-    model.save_pretrained(directory, max_shard_size=save_max_shard_size)
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
-    return model
 
 
 @pytest.fixture(scope="module")

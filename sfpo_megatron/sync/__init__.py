@@ -1,0 +1,1 @@
+"""Weight sync transports: moving the export stream's buckets into rollout engines."""
