@@ -1,0 +1,139 @@
+"""The embedded engine served over SGLang's HTTP protocol: a trainer under TP2 / PP2 syncs
+through /update_weights_from_distributed over gloo (one request and one broadcast per
+bucket), generates, trains, syncs again and finds every served tensor equal to its own; the
+client refuses bad replies and never hangs on a dead server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
+from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
+
+from conftest import REPO, TESTS, free_port, save_random_hf_model, torchrun
+
+
+def start_server(model_dir, *extra):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sfpo_megatron.rollout.http_server",
+            "--hf-dir",
+            str(model_dir),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=60, retries=2, backoff_s=0.2)
+    client.wait_healthy(60)
+    return proc, client
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    save_random_hf_model(tmp_path / "m", "qwen3")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("layout_args", [["parallel.tensor=2"], ["parallel.pipeline=2"]])
+def test_trainer_syncs_generates_trains_and_syncs_again(model_dir, tmp_path, layout_args):
+    proc, client = start_server(model_dir)
+    try:
+        torchrun(
+            2,
+            TESTS / "dist" / "sglang_sync_worker.py",
+            str(tmp_path / "r.json"),
+            client.url,
+            str(free_port()),
+            f"model.hf_config={model_dir}",
+            "model.dtype=fp32",
+            "rollout.temperature=0.8",
+            "train.prompts_per_step=4",
+            "train.samples_per_prompt=2",
+            "train.mini_batch_prompts=4",
+            "train.micro_batch_size=2",
+            *layout_args,
+            timeout=300,
+        )
+    finally:
+        proc.kill()
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["sample_versions"] == [1]
+    assert r["model_info"]["weight_version"] == "2"
+    assert r["logprob_gap"] < 1e-4
+    senders = [rank for rank in r["ranks"] if rank["checked"]]
+    assert sum(rank["checked"] for rank in senders) == r["expected_tensors"]
+    assert all(not rank["mismatched"] for rank in senders)
+    buckets = sum(rank["buckets"] for rank in r["ranks"])
+    assert buckets > 2
+    assert r["model_info"]["sfpo_update_requests"] == buckets  # one request per bucket
+
+
+def test_server_killed_mid_batch_is_an_error_not_a_hang(model_dir):
+    proc, client = start_server(model_dir, "--load-weights")
+    outcome = {}
+
+    def rollout():
+        started = time.monotonic()
+        try:
+            outcome["samples"] = client.generate(
+                [[1, 2, 3]] * 64, SamplingParams(n=4, max_new_tokens=400)
+            )
+        except RolloutError as error:
+            outcome["error"] = str(error)
+        outcome["seconds"] = time.monotonic() - started
+
+    worker = threading.Thread(target=rollout)
+    worker.start()
+    time.sleep(1.0)
+    proc.kill()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert "samples" not in outcome and "failed after" in outcome["error"]
+
+
+def test_unknown_sampling_key_is_refused(model_dir):
+    proc, client = start_server(model_dir, "--load-weights")
+    try:
+        with pytest.raises(RolloutError, match="HTTP 400.*unknown field `seed`"):
+            client._request(
+                "POST", "/generate", {"input_ids": [1, 2], "sampling_params": {"seed": 1}}
+            )
+        samples = client.generate([[1, 2], [3]], SamplingParams(n=2, max_new_tokens=3, seed=0))
+        assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
+        assert all(s.weight_version == 0 and len(s.output_ids) <= 3 for s in samples)
+    finally:
+        proc.kill()
+
+
+def test_flattened_bucket_layout():
+    bucket = [
+        ("a", torch.ones(3, dtype=torch.bfloat16)),
+        ("b", torch.arange(5.0)),
+        ("c", torch.arange(2, dtype=torch.int64)),
+        ("d", torch.ones(1, dtype=torch.uint8)),
+    ]
+    flat = flatten(bucket)
+    assert flat.names == ["c", "b", "a", "d"]  # descending element size: aligned, unpadded
+    assert flat.dtypes == ["int64", "float32", "bfloat16", "uint8"]
+    assert flat.buffer.numel() == 16 + 20 + 6 + 1
+    for name, tensor in unflatten(flat.buffer, flat.names, flat.dtypes, flat.shapes):
+        assert torch.equal(tensor, dict(bucket)[name])
+    with pytest.raises(ValueError, match="unaligned tensor: offset 6"):
+        layout(["bfloat16", "float32"], [[3], [1]])
+    with pytest.raises(ValueError, match="unknown dtype name 'torch.bfloat16'"):
+        layout(["torch.bfloat16"], [[1]])
