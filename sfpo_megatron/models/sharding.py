@@ -75,10 +75,10 @@ def sync_params(chunks: list) -> None:
 def unshard(name: str, param: torch.nn.Parameter, chunks: list) -> torch.Tensor:
     """The full tensor of a parameter, gathered over the TP group (vocabulary still padded)."""
     local, glu = param.detach(), _is_glu_fc1(name, chunks)
-    if not getattr(param, "tensor_model_parallel", False):
-        return local
     group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(group)
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return local
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local.contiguous(), group=group)
     dim = param.partition_dim
