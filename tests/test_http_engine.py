@@ -6,41 +6,34 @@ client refuses bad replies and never hangs on a dead server."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 import torch
+from sglang_schema import validate_request
 
 from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
 from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
 from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
 
-from conftest import REPO, TESTS, free_port, save_random_hf_model, torchrun
+from conftest import TESTS, free_port, save_random_hf_model, torchrun
 
 
-def start_server(model_dir, *extra):
+def start_server(model_dir, tmp_path, load_weights=False):
+    """The embedded engine's server; returns its process and a client with short retries."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sfpo_megatron.rollout.http_server",
-            "--hf-dir",
-            str(model_dir),
-            "--port",
-            str(port),
-            *extra,
-        ],
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    server = ServerProcess(
+        embedded_command(str(model_dir), port, load_weights=load_weights),
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
+        60,
     )
-    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=60, retries=2, backoff_s=0.2)
-    client.wait_healthy(60)
-    return proc, client
+    server.start()
+    client = SGLangClient(server.url, timeout_s=60, retries=2, backoff_s=0.2)
+    return server.process, client
 
 
 @pytest.fixture
@@ -51,7 +44,7 @@ def model_dir(tmp_path):
 
 @pytest.mark.parametrize("layout_args", [["parallel.tensor=2"], ["parallel.pipeline=2"]])
 def test_trainer_syncs_generates_trains_and_syncs_again(model_dir, tmp_path, layout_args):
-    proc, client = start_server(model_dir)
+    proc, client = start_server(model_dir, tmp_path)
     try:
         torchrun(
             2,
@@ -83,8 +76,8 @@ def test_trainer_syncs_generates_trains_and_syncs_again(model_dir, tmp_path, lay
     assert r["model_info"]["sfpo_update_requests"] == buckets  # one request per bucket
 
 
-def test_server_killed_mid_batch_is_an_error_not_a_hang(model_dir):
-    proc, client = start_server(model_dir, "--load-weights")
+def test_server_killed_mid_batch_is_an_error_not_a_hang(model_dir, tmp_path):
+    proc, client = start_server(model_dir, tmp_path, load_weights=True)
     outcome = {}
 
     def rollout():
@@ -106,8 +99,8 @@ def test_server_killed_mid_batch_is_an_error_not_a_hang(model_dir):
     assert "samples" not in outcome and "failed after" in outcome["error"]
 
 
-def test_unknown_sampling_key_is_refused(model_dir):
-    proc, client = start_server(model_dir, "--load-weights")
+def test_unknown_sampling_key_is_refused(model_dir, tmp_path):
+    proc, client = start_server(model_dir, tmp_path, load_weights=True)
     try:
         with pytest.raises(RolloutError, match="HTTP 400.*unknown field `seed`"):
             client._request(
@@ -137,3 +130,59 @@ def test_flattened_bucket_layout():
         layout(["bfloat16", "float32"], [[3], [1]])
     with pytest.raises(ValueError, match="unknown dtype name 'torch.bfloat16'"):
         layout(["torch.bfloat16"], [[1]])
+
+
+# ---------------------------------------------------------------- launching servers
+
+
+def test_launcher_starts_serves_and_stops(model_dir, tmp_path):
+    port = free_port()
+    server = ServerProcess(
+        embedded_command(str(model_dir), port, load_weights=True),
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
+        60,
+    )
+    client = server.start()
+    try:
+        for payload in ({"tags": None}, {"tags": ["weights"]}):
+            validate_request("/release_memory_occupation", payload)
+        client.release_memory_occupation()
+        client.resume_memory_occupation(["weights"])
+        samples = client.generate([[4, 5]], SamplingParams(max_new_tokens=2, seed=1))
+        assert len(samples) == 1 and samples[0].weight_version == 0
+    finally:
+        server.stop()
+    assert not server.alive()
+
+
+def test_launcher_reports_a_server_that_dies(tmp_path):
+    port = free_port()
+    server = ServerProcess(
+        embedded_command(str(tmp_path / "nowhere"), port),
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
+        60,
+    )
+    with pytest.raises(RolloutError, match=r"exited with 1 while starting(.|\n)*nowhere"):
+        server.start()
+
+
+def test_launcher_gives_up_on_a_silent_server(tmp_path):
+    port = free_port()
+    server = ServerProcess(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
+        2,
+    )
+    with pytest.raises(RolloutError, match="not healthy within 2"):
+        server.start()
+    assert not server.alive()
+
+
+def test_sglang_command():
+    command = sglang_command("/models/q", 30001, tp=2, memory_saver=True)
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    assert command[command.index("--tp-size") + 1] == "2"
+    assert "--skip-tokenizer-init" in command and "--enable-memory-saver" in command

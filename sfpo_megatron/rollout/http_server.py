@@ -136,6 +136,12 @@ class EngineServer:
         self.paused = False
         return {"message": "Generation continued successfully.", "status": "ok"}
 
+    def release_memory_occupation(self, body: dict) -> None:
+        self.engine.release_memory()
+
+    def resume_memory_occupation(self, body: dict) -> None:
+        self.engine.resume_memory()
+
     def flush_cache(self, body: dict) -> str:
         return "Cache flushed."  # the KV cache lives inside one generate call
 
@@ -192,6 +198,8 @@ ROUTES = {
     ("POST", "/pause_generation"): "pause_generation",
     ("POST", "/continue_generation"): "continue_generation",
     ("POST", "/flush_cache"): "flush_cache",
+    ("POST", "/release_memory_occupation"): "release_memory_occupation",
+    ("POST", "/resume_memory_occupation"): "resume_memory_occupation",
     ("POST", "/get_weights_by_name"): "get_weights_by_name",
 }
 UNLOCKED = {"health", "model_info", "pause_generation", "continue_generation"}

@@ -170,6 +170,15 @@ class SGLangClient:
     def continue_generation(self) -> dict:
         return self._control("/continue_generation", {})
 
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Colocated runs: free the engine's memory before training (SGLang needs
+        --enable-memory-saver). ``None`` = every tag (weights, KV cache, CUDA graphs)."""
+        self._request("POST", "/release_memory_occupation", {"tags": tags})
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """After training: resume ``["weights"]``, sync weights, then ``["kv_cache"]``."""
+        self._request("POST", "/resume_memory_occupation", {"tags": tags})
+
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache", {})
 
@@ -187,11 +196,16 @@ def _sample(index: int, prompt: list[int], reply: dict) -> Sample:
     logprobs = meta["output_token_logprobs"]
     if [t for _, t, _ in logprobs] != reply["output_ids"]:
         raise RolloutError(f"prompt {index}: log-probs do not cover the output tokens")
+    version = str(meta.get("weight_version"))
+    if not version.isdigit():  # SGLang starts at "default": no weights pushed by a trainer yet
+        raise RolloutError(
+            f"prompt {index}: served by weight version {version!r}, not one a trainer pushed"
+        )
     return Sample(
         prompt_index=index,
         prompt_ids=list(prompt),
         output_ids=reply["output_ids"],
         output_logprobs=[lp for lp, _, _ in logprobs],
         finish_reason=kind,
-        weight_version=int(meta["weight_version"]),
+        weight_version=int(version),
     )
