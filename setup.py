@@ -85,7 +85,8 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.5", "megatron-core==0.16.1", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest", "ruff", "transformers", "safetensors"],
+        "test": ["pytest", "ruff", "transformers", "safetensors", "pyarrow>=14"],
+        "parquet": ["pyarrow>=14"],
         "sglang": ["sglang==0.5.23"],
     },
     entry_points={"console_scripts": ["sfpo-megatron = sfpo_megatron.cli:main"]},

@@ -1,0 +1,317 @@
+"""Prompt loading, length filtering, per-epoch shuffling, exact resume and the chat encoder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sfpo_megatron.data import (
+    DataError,
+    PromptRecord,
+    PromptSet,
+    chat_template_encoder,
+    load_prompts,
+)
+
+
+def write_jsonl(path: Path, lines: list[str | dict | list]) -> str:
+    """Write raw strings as given and everything else as JSON, one per line."""
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines)
+    path.write_text(text + "\n", encoding="utf-8")
+    return str(path)
+
+
+def records(n: int) -> list[PromptRecord]:
+    return [PromptRecord(f"q{i}", str(i), "t", i + 1, "t.jsonl") for i in range(n)]
+
+
+def encode_len(record: PromptRecord) -> list[int]:
+    """Prompt ``q<i>`` encodes to ``i + 1`` tokens, so lengths are easy to control."""
+    return list(range(int(record.answer) + 1))
+
+
+def indices(batch: list) -> list[int]:
+    return [i for i, _, _ in batch]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_jsonl_fields_and_counts(tmp_path):
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    path = write_jsonl(
+        tmp_path / "gsm.jsonl",
+        [
+            {"prompt": "1+1?", "answer": 2, "data_source": "arith"},
+            "",  # blank lines are not rows but still count for line numbers
+            {"prompt": chat, "answer": "4", "extra": [1]},
+            {"prompt": "no answer"},
+            {"prompt": "float", "answer": 0.5},
+        ],
+    )
+    recs, counts = load_prompts([path])
+    assert counts == {"rows_read": 4, "malformed_skipped": 0}
+    assert [r.row for r in recs] == [1, 3, 4, 5]
+    assert recs[0] == PromptRecord("1+1?", "2", "arith", 1, path)
+    assert recs[1].prompt == chat and recs[1].source == "gsm"
+    assert recs[2].answer == "" and recs[3].answer == "0.5"
+
+
+def test_dotted_keys_reach_nested_fields(tmp_path):
+    row = {"question": "x?", "reward_model": {"ground_truth": "7"}, "data_source": "m"}
+    path = write_jsonl(tmp_path / "v.jsonl", [row])
+    recs, _ = load_prompts([path], prompt_key="question", answer_key="reward_model.ground_truth")
+    assert (recs[0].prompt, recs[0].answer) == ("x?", "7")
+
+
+MALFORMED = [
+    ('{"prompt": "unterminated', "invalid JSON"),
+    ("[1, 2]", "must be an object, got list"),
+    ({"answer": "1"}, "'prompt' is missing"),
+    ({"prompt": "   "}, "'prompt' is empty"),
+    ({"prompt": []}, "empty list of messages"),
+    ({"prompt": 17}, "got int"),
+    ({"prompt": [{"role": "user"}]}, "message 0 needs a string 'role'"),
+    ({"prompt": ["hi"]}, "message 0 must be an object"),
+    ({"prompt": "ok", "answer": [1]}, "'answer' must be a string or a number, got list"),
+    ({"prompt": "ok", "answer": True}, "got bool"),
+    ({"prompt": "ok", "data_source": 3}, "'data_source' must be a string"),
+]
+
+
+@pytest.mark.parametrize("bad,message", MALFORMED)
+def test_malformed_row_names_file_and_line(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}, bad])
+    with pytest.raises(DataError, match="line 3") as err:
+        load_prompts([path])
+    assert path in str(err.value) and message in str(err.value)
+
+
+def test_skip_malformed_counts_rows(tmp_path):
+    lines = [{"prompt": "good"}] + [bad for bad, _ in MALFORMED] + [{"prompt": "also good"}]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    recs, counts = load_prompts([path], skip_malformed=True)
+    assert [r.prompt for r in recs] == ["good", "also good"]
+    assert [r.row for r in recs] == [1, len(lines)]
+    assert counts == {"rows_read": len(lines), "malformed_skipped": len(MALFORMED)}
+
+
+def test_invalid_utf8_is_a_malformed_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        load_prompts([str(path)])
+
+
+def test_empty_inputs_are_errors(tmp_path):
+    with pytest.raises(DataError, match="no prompt files"):
+        load_prompts([])
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="empty.jsonl: no usable prompt rows"):
+        load_prompts([empty])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", {"prompt": ""}])
+    with pytest.raises(DataError, match=r"bad.jsonl: no usable prompt rows \(2 read"):
+        load_prompts([bad], skip_malformed=True)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "x"}])
+    with pytest.raises(DataError, match="empty.jsonl"):  # one empty file among good ones
+        load_prompts([good, empty])
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="not found: .*nope.jsonl"):
+        load_prompts([missing])
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt\nx\n")
+    with pytest.raises(DataError, match="d.csv: unsupported prompt file type '.csv'"):
+        load_prompts([str(csv)])
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"irrelevant")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import fail
+    with pytest.raises(DataError, match=r"d.parquet: .*pip install pyarrow"):
+        load_prompts([str(path)])
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed: Parquet is optional")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"prompt": [{"role": "user", "content": "1+1?"}], "answer": 2, "data_source": "a"},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "answer": 4, "data_source": None},
+    ]
+    path = str(tmp_path / "math.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    recs, counts = load_prompts([path])
+    assert counts == {"rows_read": 2, "malformed_skipped": 0}
+    assert recs[0] == PromptRecord([{"role": "user", "content": "1+1?"}], "2", "a", 1, path)
+    assert (recs[1].answer, recs[1].source, recs[1].row) == ("4", "math", 2)
+
+    rows[1]["prompt"] = []
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError, match=r"math.parquet, row 2: .*empty list"):
+        load_prompts([path])
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+        load_prompts([str(tmp_path / "junk.parquet")])
+
+
+# ---------------------------------------------------------------- PromptSet
+
+
+def test_length_filter_is_exact_and_counted():
+    ps = PromptSet(records(10), encode_len, max_prompt_length=4, seed=0)
+    assert len(ps) == 4 and ps.dropped_too_long == 6
+    assert all(len(ids) <= 4 for ids in ps.token_ids)
+    assert [r.prompt for r in ps.records] == ["q0", "q1", "q2", "q3"]
+
+
+def test_all_prompts_too_long_is_an_error():
+    with pytest.raises(DataError, match="all 5 prompts are longer than max_prompt_length=1"):
+        PromptSet(records(6)[1:], encode_len, max_prompt_length=1, seed=0)
+    with pytest.raises(DataError, match="max_prompt_length must be >= 1"):
+        PromptSet(records(5), encode_len, max_prompt_length=0, seed=0)
+
+
+def test_empty_prompt_set_and_bad_batch_size():
+    with pytest.raises(DataError, match="empty"):
+        PromptSet([], encode_len, max_prompt_length=8, seed=0)
+    with pytest.raises(DataError, match="batch_size"):
+        PromptSet(records(3), encode_len, 8, seed=0).next_batch(0)
+
+
+def test_batches_carry_tokens_and_records():
+    ps = PromptSet(records(6), encode_len, 8, seed=3)
+    for i, ids, rec in next(ps.batches(4)):
+        assert ps.records[i] is rec and ids == encode_len(rec)
+
+
+def test_order_is_a_seeded_permutation_per_epoch():
+    n = 12
+    a = PromptSet(records(n), encode_len, 64, seed=5)
+    b = PromptSet(records(n), encode_len, 64, seed=5)
+    epochs_a = [indices(a.next_batch(n)) for _ in range(3)]
+    epochs_b = [indices(b.next_batch(n)) for _ in range(3)]
+    assert epochs_a == epochs_b
+    assert all(sorted(e) == list(range(n)) for e in epochs_a)
+    assert epochs_a[0] != epochs_a[1] != epochs_a[2]
+    other = PromptSet(records(n), encode_len, 64, seed=6)
+    assert indices(other.next_batch(n)) == epochs_a[1]  # epoch e is seeded with seed + e
+    assert a.epoch == 3
+
+
+def test_dataset_smaller_than_one_batch_wraps_into_next_epochs():
+    ps = PromptSet(records(3), encode_len, 8, seed=1)
+    full = PromptSet(records(3), encode_len, 8, seed=1)
+    stream = [i for _ in range(6) for i in indices(full.next_batch(3))]
+    first = ps.next_batch(8)
+    assert len(first) == 8 and indices(first) == stream[:8]  # prompts repeat within a batch
+    assert (ps.epoch, ps.state_dict()["position"]) == (2, 2)
+    assert indices(ps.next_batch(8)) == stream[8:16]
+
+
+def test_batches_cross_epoch_boundaries_without_gaps():
+    ps = PromptSet(records(7), encode_len, 64, seed=2)
+    full = PromptSet(records(7), encode_len, 64, seed=2)
+    stream = [i for _ in range(4) for i in indices(full.next_batch(7))]
+    got = [i for batch, _ in zip(ps.batches(4), range(7), strict=False) for i in indices(batch)]
+    assert got == stream
+
+
+@pytest.mark.parametrize("resume_after", [0, 1, 3, 4, 10, 11])
+def test_resume_gives_identical_following_batches(resume_after):
+    # 10 prompts, batches of 3: batch 4 straddles an epoch; after 10 batches (30 prompts)
+    # the cursor sits exactly on an epoch boundary.
+    make = lambda: PromptSet(records(10), encode_len, 64, seed=42)  # noqa: E731
+    it = make().batches(3)
+    reference = [indices(next(it)) for _ in range(resume_after + 5)]
+
+    first = make()
+    it = first.batches(3)
+    for _ in range(resume_after):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
+    if resume_after == 10:
+        assert (state["epoch"], state["position"]) == (3, 0)
+    resumed = make()
+    resumed.load_state_dict(state)
+    it = resumed.batches(3)
+    assert [indices(next(it)) for _ in range(5)] == reference[resume_after:]
+
+
+def test_load_state_dict_rejects_foreign_cursors():
+    ps = PromptSet(records(5), encode_len, 64, seed=1)
+    good = ps.state_dict()
+    assert good == {"epoch": 0, "position": 0, "seed": 1, "num_prompts": 5}
+    with pytest.raises(DataError, match="seed 2, not 1"):
+        ps.load_state_dict({**good, "seed": 2})
+    with pytest.raises(DataError, match="saved for 6 prompts, this set has 5"):
+        ps.load_state_dict({**good, "num_prompts": 6})
+    with pytest.raises(DataError, match="invalid data cursor"):
+        ps.load_state_dict({**good, "position": 5})
+    with pytest.raises(DataError, match="lacks"):
+        ps.load_state_dict({"epoch": 0, "position": 0})
+
+
+# ---------------------------------------------------------------- chat template encoder
+
+VOCAB = ["[UNK]", "user:", "system:", "assistant:", "what", "is", "1+1?", "be", "brief"]
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def save_tokenizer(directory: Path, chat_template: str | None) -> str:
+    """A whitespace word-level tokenizer built and saved locally (no hub access)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+    return str(directory)
+
+
+def ids(*words: str) -> list[int]:
+    return [VOCAB.index(w) for w in words]
+
+
+def test_chat_template_encoder_uses_the_tokenizer_template(tmp_path):
+    pytest.importorskip("transformers")
+    encode = chat_template_encoder(save_tokenizer(tmp_path, TEMPLATE))
+    plain = PromptRecord("what is 1+1?", "2", "s", 1, "f.jsonl")
+    assert encode(plain) == ids("user:", "what", "is", "1+1?", "assistant:")
+    chat = PromptRecord(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}],
+        "2",
+        "s",
+        2,
+        "f.jsonl",
+    )
+    assert encode(chat) == ids("system:", "be", "brief", "user:", "1+1?", "assistant:")
+    ps = PromptSet([plain, chat], encode, max_prompt_length=5, seed=0)
+    assert ps.dropped_too_long == 1 and ps.records == [plain]
+
+
+def test_chat_template_encoder_without_template(tmp_path):
+    pytest.importorskip("transformers")
+    directory = save_tokenizer(tmp_path, None)
+    with pytest.raises(DataError, match="no chat template.*use_chat_template=False"):
+        chat_template_encoder(directory)
+    encode = chat_template_encoder(directory, use_chat_template=False)
+    assert encode(PromptRecord("what is 1+1?", "2", "s", 1, "f.jsonl")) == ids("what", "is", "1+1?")
+    chat = PromptRecord([{"role": "user", "content": "hi"}], "", "s", 4, "f.jsonl")
+    with pytest.raises(DataError, match="f.jsonl, line 4: chat messages need a chat template"):
+        encode(chat)
+    with pytest.raises(DataError, match="tokenizer directory not found"):
+        chat_template_encoder(str(tmp_path / "missing"))
