@@ -83,8 +83,13 @@ setup(
     description="Slow-Fast Policy Optimization trainer on Megatron-Core",
     packages=find_packages(include=["sfpo_megatron", "sfpo_megatron.*"]),
     python_requires=">=3.11",
-    install_requires=["torch>=2.5", "megatron-core==0.16.1", "numpy", "pyyaml",
-                      "math-verify==0.9.0"],
+    install_requires=[
+        "torch>=2.5",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+        "math-verify==0.9.0",
+    ],
     extras_require={
         "test": ["pytest", "ruff", "transformers", "safetensors", "pyarrow>=14"],
         "parquet": ["pyarrow>=14"],
