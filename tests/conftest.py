@@ -61,9 +61,9 @@ def write_hf_config(directory: Path, model_type: str, **overrides) -> Path:
     return directory
 
 
-def save_random_hf_model(directory, family, save_max_shard_size="5GB", **overrides):
-    """A transformers model with every weight random (norms near 1), saved as safetensors
-    (sharded with an index when larger than ``save_max_shard_size``)."""
+def save_random_hf_model(directory, family, save_max_shard_size="5GB", std=0.1, **overrides):
+    """A transformers model with every weight random (norms near 1, the rest N(0, std)),
+    saved as safetensors (sharded with an index when larger than ``save_max_shard_size``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[family]
@@ -74,7 +74,7 @@ def save_random_hf_model(directory, family, save_max_shard_size="5GB", **overrid
             if "norm" in name:
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             else:
-                param.normal_(0, 0.1)
+                param.normal_(0, std)
     model.save_pretrained(directory, max_shard_size=save_max_shard_size)
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     return model

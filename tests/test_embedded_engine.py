@@ -13,26 +13,10 @@ import torch
 from sfpo_megatron.rollout import NO_WEIGHTS, Sample, SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine, sample_token
 
-from conftest import write_hf_config
+from conftest import save_random_hf_model
 
 FAMILIES = {"qwen2": ("qwen2", {}), "qwen3_tied": ("qwen3", {})}
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12], [42], [7, 7, 7, 7, 7]]
-
-
-def random_model(directory, family, **overrides):
-    """A tiny transformers model with random weights; only its config.json is on disk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    write_hf_config(directory, family, **overrides)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0, 0.2)
-    return model.eval()
 
 
 def export_buckets(model, size=7):
@@ -47,7 +31,7 @@ def export_buckets(model, size=7):
 def setup(request, tmp_path_factory):
     family, overrides = FAMILIES[request.param]
     directory = tmp_path_factory.mktemp(request.param)
-    model = random_model(directory, family, **overrides)
+    model = save_random_hf_model(directory, family, std=0.2, **overrides).eval()
     engine = EmbeddedEngine(directory)
     engine.update_weights(export_buckets(model), version=5)
     return model, engine, directory
@@ -74,7 +58,7 @@ def test_weights_come_from_the_stream(setup):
 
 
 def test_update_errors_name_the_tensor(tmp_path):
-    model = random_model(tmp_path, "qwen3")
+    model = save_random_hf_model(tmp_path, "qwen3", std=0.2).eval()
     engine = EmbeddedEngine(tmp_path)
     params = SamplingParams(max_new_tokens=2)
     with pytest.raises(RuntimeError, match="no weights loaded"):
