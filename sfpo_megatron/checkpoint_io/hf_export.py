@@ -36,6 +36,15 @@ _DTYPE_BYTES = {
 }
 
 
+def stage_leader() -> bool:
+    """Whether this rank speaks for its pipeline stage (TP rank 0, DP rank 0): the export
+    stream is whole and identical on the stage's other ranks, so only this one sends/writes."""
+    return (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
 def export_stream(chunks: list, arch: ModelArch, bucket_mb: float = 512) -> Iterator[Bucket]:
     """This pipeline stage's tensors under HF names, whole (TP gathered, QKV and fc1 split,
     vocabulary padding removed), in buckets of at most ``bucket_mb`` (a larger tensor is a
@@ -77,10 +86,7 @@ def save_hf(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    writer = (
-        parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
+    writer = stage_leader()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     for index, bucket in enumerate(export_stream(chunks, arch, shard_mb)):
         if writer:

@@ -20,19 +20,9 @@ import torch.distributed as dist
 
 from sfpo_megatron.rollout.base import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.sglang_client import SAMPLING_FIELDS
 from sfpo_megatron.sync.flat_bucket import total_bytes, unflatten
 from sfpo_megatron.sync.group import weight_update_group
-
-# sampling_params keys the embedded engine implements -> SamplingParams field
-SAMPLING_KEYS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "max_new_tokens": "max_new_tokens",
-    "stop_token_ids": "stop_token_ids",
-    "n": "n",
-    "sampling_seed": "seed",
-}
 
 
 class RequestError(ValueError):
@@ -171,13 +161,13 @@ class ServiceUnavailable(RuntimeError):
 
 
 def _sampling_params(raw: dict) -> SamplingParams:
-    unknown = sorted(set(raw) - set(SAMPLING_KEYS))
+    unknown = sorted(set(raw) - set(SAMPLING_FIELDS))
     if unknown:
         raise RequestError(
             f"unknown field `{unknown[0]}`, expected one of "
-            f"{', '.join(SAMPLING_KEYS)} (the embedded engine's subset)"
+            f"{', '.join(SAMPLING_FIELDS)} (the embedded engine's subset)"
         )
-    values = {SAMPLING_KEYS[k]: v for k, v in raw.items() if v is not None}
+    values = {SAMPLING_FIELDS[k]: v for k, v in raw.items() if v is not None}
     if values.get("stop_token_ids") is not None:
         values["stop_token_ids"] = tuple(values["stop_token_ids"])
     try:

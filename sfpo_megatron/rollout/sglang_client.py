@@ -17,6 +17,17 @@ from typing import Any
 
 from sfpo_megatron.rollout.base import Sample, SamplingParams
 
+SAMPLING_FIELDS = {
+    "n": "n",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_new_tokens": "max_new_tokens",
+    "stop_token_ids": "stop_token_ids",
+    "sampling_seed": "seed",
+}
+"""SGLang ``sampling_params`` key -> :class:`SamplingParams` field, for the keys we use."""
+
 
 class RolloutError(RuntimeError):
     """A rollout server failed, timed out or answered with something unusable."""
@@ -69,16 +80,10 @@ class SGLangClient:
 
     @staticmethod
     def sampling_params(params: SamplingParams) -> dict:
-        payload = {
-            "n": params.n,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "top_k": params.top_k,
-            "max_new_tokens": params.max_new_tokens,
-            "stop_token_ids": list(params.stop_token_ids),
-        }
-        if params.seed is not None:
-            payload["sampling_seed"] = params.seed
+        payload = {key: getattr(params, field) for key, field in SAMPLING_FIELDS.items()}
+        payload["stop_token_ids"] = list(params.stop_token_ids)
+        if params.seed is None:
+            del payload["sampling_seed"]
         return payload
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:

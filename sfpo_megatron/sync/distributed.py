@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sfpo_megatron.checkpoint_io.hf_export import export_stream
+from sfpo_megatron.checkpoint_io.hf_export import export_stream, stage_leader
 from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
 from sfpo_megatron.sync.flat_bucket import flatten
@@ -58,10 +58,7 @@ class DistributedSync:
 
     @property
     def sender(self) -> bool:
-        return (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0
-        )
+        return stage_leader()
 
     def _group_name(self, server: int) -> str:
         stage = parallel_state.get_pipeline_model_parallel_rank()

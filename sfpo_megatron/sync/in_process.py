@@ -10,22 +10,18 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sfpo_megatron.checkpoint_io.hf_export import Bucket, export_stream
+from sfpo_megatron.checkpoint_io.hf_export import Bucket, export_stream, stage_leader
 from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.rollout.base import RolloutEngine
 
 
 def _stage_senders() -> list[int]:
-    """Global rank of each pipeline stage's TP-0 / DP-0 rank, by stage."""
-    coords: list = [None] * dist.get_world_size()
-    mine = (
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
-    )
-    dist.all_gather_object(coords, mine)
+    """Global rank of each pipeline stage's leader (see ``stage_leader``), by stage."""
+    led: list = [None] * dist.get_world_size()
+    mine = parallel_state.get_pipeline_model_parallel_rank() if stage_leader() else None
+    dist.all_gather_object(led, mine)
     stages = parallel_state.get_pipeline_model_parallel_world_size()
-    return [coords.index((stage, 0, 0)) for stage in range(stages)]
+    return [led.index(stage) for stage in range(stages)]
 
 
 def sync_in_process(
