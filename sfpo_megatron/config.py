@@ -65,6 +65,13 @@ class TrainConfig:
     """Prompts per optimizer step; a training pass makes prompts_per_step / this many steps."""
     micro_batch_size: int = 1
     """Sequences per forward/backward on one data-parallel rank."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts
+    until ``prompts_per_step`` groups have signal (or ``max_sampling_rounds`` is reached)."""
+    max_sampling_rounds: int = 4
+    warm_start_steps: int = 0
+    """Supervised optimizer steps on the prompts' reference answers before RL (demo models
+    that start from random weights); 0 = none."""
 
 
 @dataclass
@@ -114,19 +121,59 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; the actor divides logits by it so log-probs match the sampler."""
     top_p: float = 1.0
+    top_k: int = -1
     max_response_length: int = 2560
+    engine: Literal["embedded"] = "embedded"
+    """Where rollouts run: ``embedded`` = a transformers copy of the policy in rank 0's
+    process, fed by the export stream after every update."""
 
 
 @dataclass
 class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """JSONL / Parquet prompt files (relative paths: to the config file)."""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    source_key: str = "data_source"
+    skip_malformed: bool = False
+    """False: a malformed row stops the run with its file and line; true: skip and count."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = the model's ``hf_config`` directory."""
+    use_chat_template: bool = True
     max_prompt_length: int = 1536
     seed: int = 1
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "math"
+    """``math`` (boxed answer, math-verify equivalence), ``module:function`` or
+    ``path/file.py:function`` called as fn(response, answer, source) -> float."""
+    workers: int = 2
+    """Reward processes (0 = in the trainer's process)."""
+    timeout_s: float = 10.0
+    """Per sample: a slower reward function scores 0 and is counted."""
+
+
+@dataclass
+class EvalConfig:
+    files: list[str] = field(default_factory=list)
+    interval: int = 0
+    """Evaluate every this many iterations (and after the last); 0 = never."""
+    k: int = 4
+    """Samples per problem: pass@1 is reported as avg@k."""
+    temperature: float = 1.0
+    top_p: float = 0.7
 
 
 @dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
     log_interval: int = 1
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``output_dir/tensorboard``."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs ``wandb``)."""
 
 
 @dataclass
@@ -134,6 +181,11 @@ class CheckpointConfig:
     dir: str | None = None
     interval: int = 0
     """Save every this many iterations; 0 = only at the end when ``dir`` is set."""
+    resume: str | None = None
+    """``auto``: continue from the newest complete checkpoint in ``dir`` (start fresh if none);
+    a path: from that checkpoint; None: start fresh."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues."""
     export_hf_dir: str | None = None
     """At the end of training, write the policy here as a HF checkpoint."""
     export_shard_mb: float = 2048
@@ -148,6 +200,8 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -179,9 +233,7 @@ def load_config(
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        hf = raw.get("model", {}).get("hf_config") if isinstance(raw.get("model"), dict) else None
-        if isinstance(hf, str) and hf and not Path(hf).is_absolute():
-            raw["model"]["hf_config"] = str(Path(path).resolve().parent / hf)
+        _resolve_paths(raw, Path(path).resolve().parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -190,6 +242,30 @@ def load_config(
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+_FILE_PATHS = (
+    ("model", "hf_config"),
+    ("data", "train_files"),
+    ("data", "tokenizer"),
+    ("eval", "files"),
+)
+"""Keys holding input files, which a config file names relative to itself."""
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, key in _FILE_PATHS:
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node[key]
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            node[key] = str(base / value)
+        elif isinstance(value, list):
+            node[key] = [
+                str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                for v in value
+            ]
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -231,6 +307,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         (inner,) = [t for t in options if t is not type(None)]
         return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(item, inner, key) for item in value]
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -283,6 +366,8 @@ def validate(cfg: Config) -> None:
         ("model.vocab_pad_multiple", cfg.model.vocab_pad_multiple),
         ("parallel.timeout_s", p.timeout_s),
         ("logging.log_interval", cfg.logging.log_interval),
+        ("train.max_sampling_rounds", t.max_sampling_rounds),
+        ("eval.k", cfg.eval.k),
     ]:
         _require(value >= 1, f"{key}={value} must be >= 1")
     _require(
@@ -350,6 +435,26 @@ def validate(cfg: Config) -> None:
         cfg.checkpoint.interval == 0 or cfg.checkpoint.dir is not None,
         "checkpoint.interval > 0 needs checkpoint.dir",
     )
+    _require(
+        cfg.checkpoint.resume != "auto" or cfg.checkpoint.dir is not None,
+        "checkpoint.resume=auto needs checkpoint.dir",
+    )
+    _require(t.warm_start_steps >= 0, f"train.warm_start_steps={t.warm_start_steps} must be >= 0")
+    _require(
+        t.samples_per_prompt >= 2,
+        f"train.samples_per_prompt={t.samples_per_prompt} must be >= 2 (group advantages)",
+    )
+    _require(
+        cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1,
+        f"rollout.top_k={cfg.rollout.top_k} must be -1 (off) or >= 1",
+    )
+    _require(cfg.reward.workers >= 0, f"reward.workers={cfg.reward.workers} must be >= 0")
+    _require(cfg.reward.timeout_s > 0, f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
+    e = cfg.eval
+    _require(e.interval >= 0, f"eval.interval={e.interval} must be >= 0")
+    _require(e.interval == 0 or bool(e.files), "eval.interval > 0 needs eval.files")
+    _require(e.temperature > 0, f"eval.temperature={e.temperature} must be > 0")
+    _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p} must be in (0, 1]")
 
 
 def _data_parallel_size(cfg: Config, world_size: int) -> int:
