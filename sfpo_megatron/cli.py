@@ -2,6 +2,7 @@
 
 sfpo-megatron train CONFIG.yaml [key.sub=value ...]
 sfpo-megatron export-hf CONFIG.yaml OUT_DIR [key.sub=value ...]
+sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         if command is export_cmd:
             command.add_argument("out", help="output directory (replaced once complete)")
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    plot_cmd = commands.add_parser("plot", help="draw PNG curves from runs' metrics.jsonl")
+    plot_cmd.add_argument("runs", nargs="+", metavar="RUN_DIR", help="logging.output_dir of a run")
+    plot_cmd.add_argument("--out", help="where the PNGs go (default: FIRST_RUN_DIR/plots)")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        return _plot(args.runs, args.out)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:
@@ -35,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2
     from sfpo_megatron.checkpoint_io.hf_import import CheckpointError
+    from sfpo_megatron.data import DataError
     from sfpo_megatron.models.arch import UnsupportedModelError
     from sfpo_megatron.trainer import export_hf, train
 
@@ -43,7 +50,24 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         else:
             export_hf(cfg, args.out)
-    except (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        DataError,
+        UnsupportedModelError,
+        FileNotFoundError,
+    ) as error:
+        print(f"sfpo-megatron: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plot(run_dirs: list[str], out: str | None) -> int:
+    from sfpo_megatron.plot import PlotError, plot_runs
+
+    try:
+        plot_runs(run_dirs, out)
+    except PlotError as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2
     return 0
