@@ -27,12 +27,19 @@ def main(argv: list[str] | None = None) -> int:
         if command is export_cmd:
             command.add_argument("out", help="output directory (replaced once complete)")
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    from sfpo_megatron import plan
+
+    plan.add_arguments(
+        commands.add_parser("plan", help="per-GPU memory of a model under a layout, or a search")
+    )
     plot_cmd = commands.add_parser("plot", help="draw PNG curves from runs' metrics.jsonl")
     plot_cmd.add_argument("runs", nargs="+", metavar="RUN_DIR", help="logging.output_dir of a run")
     plot_cmd.add_argument("--out", help="where the PNGs go (default: FIRST_RUN_DIR/plots)")
     args = parser.parse_args(argv)
     if args.command == "plot":
         return _plot(args.runs, args.out)
+    if args.command == "plan":
+        return plan.run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:

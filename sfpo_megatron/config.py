@@ -489,6 +489,11 @@ def validate_layout(cfg: Config, arch: ModelArch, world_size: int) -> int:
         f"parallel.tensor={p.tensor} must divide the model's num_key_value_heads="
         f"{num_query_groups} (query groups)",
     )
+    _require(
+        arch.ffn_hidden_size % p.tensor == 0,
+        f"parallel.tensor={p.tensor} must divide the model's intermediate_size="
+        f"{arch.ffn_hidden_size}",
+    )
     stages = p.pipeline * (p.virtual_pipeline or 1)
     _require(
         num_layers % stages == 0,
