@@ -1,8 +1,9 @@
 """The embedded engine served over the subset of SGLang 0.5.23's HTTP protocol the trainer uses
 (docs/sglang_protocol.md), with the same semantics, so the SGLang client and the distributed
-weight sync run end to end against a real server process without SGLang.
+and colocated weight syncs run end to end against a real server process without SGLang.
 
     python -m sfpo_megatron.rollout.http_server --hf-dir DIR --port 30000 [--load-weights]
+        [--tp-size N]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from sfpo_megatron.rollout.base import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
-from sfpo_megatron.rollout.sglang_client import SAMPLING_FIELDS
+from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SAMPLING_FIELDS, WEIGHTS_TAG
 from sfpo_megatron.sync.flat_bucket import total_bytes, unflatten
 from sfpo_megatron.sync.group import weight_update_group
 
@@ -33,8 +34,12 @@ class EngineServer:
     """Request handling, independent of HTTP. One request runs at a time (as SGLang's control
     requests do); generation is refused with 503 while paused, so clients retry."""
 
-    def __init__(self, engine: EmbeddedEngine, model_path: str) -> None:
+    def __init__(self, engine: EmbeddedEngine, model_path: str, tp_size: int = 1) -> None:
         self.engine, self.model_path = engine, model_path
+        self.tp_size = tp_size
+        """Entries per ``/update_weights_from_tensor`` request: one per SGLang TP rank. The
+        engine is one process; it reads every entry, as each rank would, and loads the first."""
+        self.offloaded: set[str] = set()
         self.lock = threading.Lock()
         self.paused = False
         self.groups: dict[str, Any] = {}
@@ -109,6 +114,33 @@ class EngineServer:
             self.session_version = body["weight_version"]
         return {"success": True, "message": f"received {len(body['names'])} tensors"}
 
+    def update_weights_from_tensor(self, body: dict) -> dict:
+        if self.session is None:
+            return {
+                "success": False,
+                "message": "update_weights_from_tensor must run between begin_weight_update() "
+                "and end_weight_update()",
+            }
+        if body.get("load_format") != "flattened_bucket":
+            raise RequestError("this server takes load_format 'flattened_bucket' only")
+        entries = body["serialized_named_tensors"]
+        if len(entries) != self.tp_size:
+            raise RequestError(f"{len(entries)} serialized entries for {self.tp_size} TP ranks")
+        from sfpo_megatron.sync.colocated import decode_bucket  # keeps Megatron out of start-up
+
+        ranks = [decode_bucket(entry) for entry in entries]  # each exactly once, as SGLang
+        for rank, tensors in enumerate(ranks[1:], start=1):
+            if [n for n, _ in tensors] != [n for n, _ in ranks[0]] or not all(
+                torch.equal(a.to(b.device), b)
+                for (_, a), (_, b) in zip(tensors, ranks[0], strict=True)
+            ):
+                raise RequestError(f"TP rank {rank}'s entry holds other tensors than rank 0's")
+        self.session += [(name, tensor.clone()) for name, tensor in ranks[0]]  # own the memory
+        self.update_requests += 1
+        if body.get("weight_version") is not None:
+            self.session_version = body["weight_version"]
+        return {"success": True, "message": f"received {len(ranks[0])} tensors"}
+
     def end_weight_update(self, body: dict) -> dict:
         if self.session is None:
             return {"success": False, "message": "no weight update session is open"}
@@ -127,10 +159,19 @@ class EngineServer:
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     def release_memory_occupation(self, body: dict) -> None:
-        self.engine.release_memory()
+        tags = _memory_tags(body)
+        self.offloaded |= set(tags)
+        if WEIGHTS_TAG in tags:
+            self.engine.release_memory()
 
     def resume_memory_occupation(self, body: dict) -> None:
-        self.engine.resume_memory()
+        tags = _memory_tags(body)
+        held = sorted(set(tags) - self.offloaded)
+        if held:
+            raise RequestError(f"cannot resume {held}: not released (SGLang fails alike)")
+        self.offloaded -= set(tags)
+        if WEIGHTS_TAG in tags:
+            self.engine.resume_memory()
 
     def flush_cache(self, body: dict) -> str:
         return "Cache flushed."  # the KV cache lives inside one generate call
@@ -160,6 +201,15 @@ class ServiceUnavailable(RuntimeError):
     """HTTP 503: try again later."""
 
 
+def _memory_tags(body: dict) -> list[str]:
+    """The request's tags; none or empty means all, as in SGLang."""
+    tags = body.get("tags") or list(MEMORY_TAGS)
+    unknown = sorted(set(tags) - set(MEMORY_TAGS))
+    if unknown:
+        raise RequestError(f"unknown memory tags {unknown}, expected some of {MEMORY_TAGS}")
+    return tags
+
+
 def _sampling_params(raw: dict) -> SamplingParams:
     unknown = sorted(set(raw) - set(SAMPLING_FIELDS))
     if unknown:
@@ -184,6 +234,7 @@ ROUTES = {
     ("POST", "/init_weights_update_group"): "init_weights_update_group",
     ("POST", "/begin_weight_update"): "begin_weight_update",
     ("POST", "/update_weights_from_distributed"): "update_weights_from_distributed",
+    ("POST", "/update_weights_from_tensor"): "update_weights_from_tensor",
     ("POST", "/end_weight_update"): "end_weight_update",
     ("POST", "/pause_generation"): "pause_generation",
     ("POST", "/continue_generation"): "continue_generation",
@@ -258,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
+        "--tp-size", type=int, default=1, help="update_weights_from_tensor entries per request"
+    )
+    parser.add_argument(
         "--load-weights",
         action="store_true",
         help="start from the directory's safetensors (else wait for a sync)",
@@ -267,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.load_weights:
         load_checkpoint_weights(engine, args.hf_dir)
     httpd = ThreadingHTTPServer(
-        (args.host, args.port), make_handler(EngineServer(engine, args.hf_dir))
+        (args.host, args.port), make_handler(EngineServer(engine, args.hf_dir, args.tp_size))
     )
     print(f"embedded engine serving {args.hf_dir} on http://{args.host}:{args.port}", flush=True)
     httpd.serve_forever()

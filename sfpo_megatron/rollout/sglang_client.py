@@ -28,6 +28,14 @@ SAMPLING_FIELDS = {
 }
 """SGLang ``sampling_params`` key -> :class:`SamplingParams` field, for the keys we use."""
 
+WEIGHTS_TAG = "weights"
+MEMORY_TAGS = ("kv_cache", WEIGHTS_TAG, "cuda_graph")
+"""What ``/release_`` and ``/resume_memory_occupation`` act on (sglang ``srt/constants.py``)."""
+
+NOT_RETRIED = {"/update_weights_from_tensor"}
+"""Paths sent once only: a repeat would unpickle the entries twice, and each unpickling
+drops one reference the sender's shared-memory / CUDA-IPC handle counts on."""
+
 
 class RolloutError(RuntimeError):
     """A rollout server failed, timed out or answered with something unusable."""
@@ -49,21 +57,22 @@ class SGLangClient:
     # ------------------------------------------------------------------ transport
 
     def _request(self, method: str, path: str, payload: dict | None = None) -> Any:
+        retries = 0 if path in NOT_RETRIED else self.retries
         data = None if payload is None else json.dumps(payload).encode()
         request = urllib.request.Request(
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                     body = reply.read()
                 return json.loads(body) if body else None
             except urllib.error.HTTPError as error:
                 detail = error.read().decode(errors="replace")[:500]
-                if error.code < 500 or attempt == self.retries:
+                if error.code < 500 or attempt == retries:
                     raise RolloutError(f"{method} {path}: HTTP {error.code}: {detail}") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise RolloutError(
                         f"{method} {path} at {self.url} failed after {attempt + 1} tries: {error}"
                     ) from None
@@ -163,6 +172,19 @@ class SGLangClient:
             payload["weight_version"] = weight_version
         return self._control("/update_weights_from_distributed", payload)
 
+    def update_weights_from_tensor(
+        self, serialized_named_tensors: list[str], weight_version: str | None
+    ) -> dict:
+        """One flattened bucket, one base64 entry per engine TP rank (``sync/colocated.py``)."""
+        payload = {
+            "serialized_named_tensors": serialized_named_tensors,
+            "load_format": "flattened_bucket",
+            "flush_cache": False,
+        }
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return self._control("/update_weights_from_tensor", payload)
+
     def begin_weight_update(self) -> dict:
         return self._control("/begin_weight_update", {})
 
@@ -181,7 +203,8 @@ class SGLangClient:
         self._request("POST", "/release_memory_occupation", {"tags": tags})
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """After training: resume ``["weights"]``, sync weights, then ``["kv_cache"]``."""
+        """After training: resume ``["weights"]``, sync weights, then the other tags (each
+        released tag once: SGLang fails on resuming one that is not released)."""
         self._request("POST", "/resume_memory_occupation", {"tags": tags})
 
     def flush_cache(self) -> None:

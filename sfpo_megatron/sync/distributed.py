@@ -2,14 +2,16 @@
 ``/update_weights_from_distributed`` with flattened buckets, one group per pipeline stage so
 stages send without waiting on each other.
 
-Per update: pause, flush once, begin; per bucket one flattened broadcast and one request (the
-version rides on each stage's last bucket only); end, continue; the version is read back.
+Per update (:func:`update_session`, shared with the colocated sync): pause, flush once, begin;
+per bucket one flattened broadcast and one request (the version rides on each stage's last
+bucket only); end, continue; the version is read back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -24,7 +26,7 @@ from sfpo_megatron.sync.group import weight_update_group
 T = TypeVar("T")
 
 
-def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
     """Each item with whether it is the last one (one item of look-ahead, nothing stored)."""
     iterator = iter(items)
     previous = next(iterator, None)
@@ -33,6 +35,31 @@ def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
         previous = item
     if previous is not None:
         yield previous, True
+
+
+@contextmanager
+def update_session(clients: list[SGLangClient], version: int) -> Iterator[None]:
+    """Collective over all ranks around one weight update: global rank 0 pauses generation,
+    flushes the cache once and opens the update session on every server; the body sends the
+    buckets; then rank 0 closes the session, resumes generation and checks that each server
+    reports ``version``."""
+    lead = dist.get_rank() == 0
+    if lead:
+        for client in clients:
+            client.pause_generation()
+            client.flush_cache()
+            client.begin_weight_update()
+    dist.barrier()
+    yield
+    dist.barrier()
+    if lead:
+        for client in clients:
+            client.end_weight_update()
+            client.continue_generation()
+            served = client.weight_version()
+            if served != str(version):
+                raise RolloutError(f"{client.url} serves weight version {served}, pushed {version}")
+    dist.barrier()
 
 
 class DistributedSync:
@@ -96,27 +123,10 @@ class DistributedSync:
 
     def push(self, chunks: list, arch: ModelArch, version: int) -> None:
         """Send this model to every server as ``version``; raises if a server disagrees."""
-        lead = dist.get_rank() == 0
-        if lead:
-            for client in self.clients:
-                client.pause_generation()
-                client.flush_cache()
-                client.begin_weight_update()
-        dist.barrier()
-        for bucket, last in _with_last(export_stream(chunks, arch, self.bucket_mb)):
-            if self.sender:
-                self._send(bucket, str(version) if last else None)
-        dist.barrier()
-        if lead:
-            for client in self.clients:
-                client.end_weight_update()
-                client.continue_generation()
-                if client.weight_version() != str(version):
-                    raise RolloutError(
-                        f"{client.url} reports weight version "
-                        f"{client.weight_version()}, pushed {version}"
-                    )
-        dist.barrier()
+        with update_session(self.clients, version):
+            for bucket, last in with_last(export_stream(chunks, arch, self.bucket_mb)):
+                if self.sender:
+                    self._send(bucket, str(version) if last else None)
 
     def _send(self, bucket, weight_version: str | None) -> None:
         """One request and one broadcast per server for one bucket."""
