@@ -33,6 +33,11 @@ class ModelConfig:
     """Import the directory's safetensors weights; false = random init from the config."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Parameter dtype; bf16/fp16 keep fp32 main params in the optimizer."""
+    attention: Literal["auto", "sdpa", "local"] = "auto"
+    """Layer spec: ``sdpa`` = torch's fused scaled_dot_product_attention and RMSNorm (never
+    materialises the S x S scores); ``local`` = Megatron's DotProductAttention (materialises
+    them; kept as a reference); ``auto`` = Transformer Engine's spec when TE imports on a
+    GPU, else ``sdpa``."""
     seed: int = 1234
     vocab_pad_multiple: int = 128
     """The vocabulary is padded to a multiple of this x TP, as Megatron-LM does."""
@@ -123,9 +128,21 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_response_length: int = 2560
-    engine: Literal["embedded"] = "embedded"
+    engine: Literal["embedded", "servers"] = "embedded"
     """Where rollouts run: ``embedded`` = a transformers copy of the policy in rank 0's
-    process, fed by the export stream after every update."""
+    process, fed by the export stream after every update; ``servers`` = SGLang servers (or
+    ``python -m sfpo_megatron.rollout.http_server``) at ``server_urls``, fed over a broadcast
+    group per server and pipeline stage (NCCL on GPU, gloo on CPU)."""
+    server_urls: list[str] = field(default_factory=list)
+    """Base URLs of the rollout servers; prompts are split evenly across them."""
+    server_tp: int = 1
+    """GPUs (TP ranks) of each server: its side of the weight broadcast group."""
+    sync_port: int = 29900
+    """First port of the weight broadcast groups (one per server and pipeline stage)."""
+    sync_address: str | None = None
+    """Address servers reach this node's trainer ranks at; None = this host's name."""
+    request_timeout_s: float = 600.0
+    """Per generation request; a timed-out or failed request is retried, then the batch fails."""
 
 
 @dataclass
@@ -447,6 +464,15 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1,
         f"rollout.top_k={cfg.rollout.top_k} must be -1 (off) or >= 1",
+    )
+    r = cfg.rollout
+    _require(
+        r.engine != "servers" or bool(r.server_urls),
+        "rollout.engine=servers needs rollout.server_urls",
+    )
+    _require(r.server_tp >= 1, f"rollout.server_tp={r.server_tp} must be >= 1")
+    _require(
+        r.request_timeout_s > 0, f"rollout.request_timeout_s={r.request_timeout_s} must be > 0"
     )
     _require(cfg.reward.workers >= 0, f"reward.workers={cfg.reward.workers} must be >= 0")
     _require(cfg.reward.timeout_s > 0, f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")

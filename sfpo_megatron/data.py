@@ -290,21 +290,27 @@ class PromptSet:
         self._epoch, self._position = epoch, position
 
 
-def chat_template_encoder(tokenizer_dir: str, use_chat_template: bool = True) -> Encoder:
-    """An encoder from the tokenizer files in ``tokenizer_dir``, using their own chat template.
+def load_tokenizer(tokenizer_dir: str) -> Any:
+    """The transformers tokenizer saved in ``tokenizer_dir`` (local files only)."""
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise DataError(f"tokenizer directory not found: {tokenizer_dir}")
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def chat_template_encoder(tokenizer: Any, use_chat_template: bool = True) -> Encoder:
+    """An encoder with the tokenizer's own chat template (a tokenizer or its directory).
 
     Plain-string prompts become one user message; the generation prompt is appended so the
     policy answers as the assistant. ``use_chat_template=False`` encodes plain text as is (for
     base models without a template).
     """
-    from transformers import AutoTokenizer
-
-    if not Path(tokenizer_dir).is_dir():
-        raise DataError(f"tokenizer directory not found: {tokenizer_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(str(tokenizer))
     if use_chat_template and not tokenizer.chat_template:
         raise DataError(
-            f"the tokenizer in {tokenizer_dir} has no chat template; "
+            f"the tokenizer in {tokenizer.name_or_path} has no chat template; "
             "set use_chat_template=False to encode prompts as plain text"
         )
 

@@ -1,55 +1,21 @@
-"""The training loop (for now on synthetic batches: rollouts and rewards plug in here later),
-and the HF export entry point."""
+"""The RL loop: prompts -> rollouts -> rewards -> advantages -> old log-probs -> GRPO or SFPO
+update -> weight sync -> log, with evaluation, checkpoints and exact resume; and the HF export
+entry point. Everything a run holds is built in :mod:`sfpo_megatron.session`."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.checkpoint_io.hf_export import save_hf
 from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
 from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.experience import ScoredGroups, policy_batch, select_groups
 from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.synthetic import random_batch
-
-
-class MetricsLog:
-    """One progress line per iteration on rank 0, and every metric in ``metrics.jsonl``."""
-
-    def __init__(self, output_dir: str, total: int, interval: int) -> None:
-        self.rank0 = dist.get_rank() == 0
-        self.total, self.interval, self.start = total, interval, time.perf_counter()
-        self.path = Path(output_dir) / "metrics.jsonl"
-        if self.rank0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-
-    def __call__(self, iteration: int, metrics: dict[str, float]) -> None:
-        if not self.rank0:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-        if iteration % self.interval == 0 or iteration == self.total:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / iteration * (self.total - iteration)
-            mode = "sfpo" if metrics.get("sfpo_active") else "grpo"
-            z = f" z {metrics['entropy_z']:+.2f}" if "entropy_z" in metrics else ""
-            print(
-                f"iter {iteration}/{self.total} {mode} loss {metrics['pg_loss']:+.4f} "
-                f"entropy {metrics['entropy']:.4f}{z} clip {metrics['clip_frac']:.3f} "
-                f"grad_norm {metrics['grad_norm']:.3f} tokens {int(metrics['tokens'])} "
-                f"lr {metrics['lr']:.2e} {metrics['seconds']:.2f}s eta {eta:.0f}s",
-                flush=True,
-            )
+from sfpo_megatron.rollouts import solved
+from sfpo_megatron.session import Session
 
 
 def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
@@ -65,35 +31,78 @@ def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
-    """Run ``train.iterations`` iterations of the configured algorithm; returns the metrics."""
+    """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics."""
     arch, checkpoint = start(cfg)
     try:
-        actor = Actor.build(cfg, arch, checkpoint)
-        update = build_update(cfg.algorithm, actor)
-        generator = torch.Generator().manual_seed(cfg.data.seed)
-        log = MetricsLog(cfg.logging.output_dir, cfg.train.iterations, cfg.logging.log_interval)
-        history = []
-        for iteration in range(1, cfg.train.iterations + 1):
-            start_time = time.perf_counter()
-            batch = random_batch(cfg, arch, generator)
-            old_logprobs, _ = actor.forward_logprobs(batch)
-            metrics = update.step(replace(batch, old_logprobs=old_logprobs))
-            metrics["lr"] = actor.scheduler.get_lr(actor.optimizer.param_groups[0])
-            actor.step_lr()
-            metrics["seconds"] = time.perf_counter() - start_time
-            log(iteration, metrics)
-            history.append(metrics)
-        if cfg.checkpoint.export_hf_dir:
-            save_hf(
-                actor.chunks,
-                arch,
-                hf_directory(cfg.model.hf_config),
-                cfg.checkpoint.export_hf_dir,
-                cfg.checkpoint.export_shard_mb,
-            )
-        return history
+        with Session.open(cfg, arch, checkpoint) as s:
+            history = []
+            for iteration in range(s.iteration + 1, cfg.train.iterations + 1):
+                start_time = time.perf_counter()
+                metrics = rl_iteration(s, iteration)
+                metrics.update(s.after_iteration(iteration))
+                metrics["seconds"] = time.perf_counter() - start_time
+                metrics["tokens_per_s"] = metrics.pop("generated_tokens") / metrics["seconds"]
+                s.log.log(iteration, metrics)
+                history.append(metrics)
+            s.finish()
+            return history
     finally:
         shutdown()
+
+
+def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
+    """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
+    cfg = s.cfg
+    scored, metrics = collect_groups(s, iteration)
+    batch, rollout_logprobs = policy_batch(scored)
+    clock = time.perf_counter()
+    old_logprobs, _ = s.actor.forward_logprobs(batch)
+    mask = batch.response_mask
+    metrics["rollout_logprob_gap"] = float((old_logprobs - rollout_logprobs).abs()[mask].mean())
+    batch = replace(batch, old_logprobs=old_logprobs)
+    if s.reference is not None:
+        batch = replace(batch, ref_logprobs=s.reference.logprobs(batch))
+    metrics["time_old_logprobs"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics.update(s.update.step(batch))
+    metrics["time_update"] = time.perf_counter() - clock
+    metrics["lr"] = s.actor.scheduler.get_lr(s.actor.optimizer.param_groups[0])
+    s.actor.step_lr()
+    sfpo_ran = metrics.get("sfpo_active", 0.0) > 0
+    metrics["alpha"] = cfg.algorithm.sfpo.alpha if sfpo_ran else 0.0
+    metrics["switched"] = float(getattr(getattr(s.update, "switch", None), "switched", False))
+
+    clock = time.perf_counter()
+    s.sync(version=iteration)
+    metrics["time_sync"] = time.perf_counter() - clock
+    metrics["weight_version"] = float(iteration)
+    metrics["response_length"] = float(mask.sum()) / batch.num_sequences
+    return metrics
+
+
+def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
+    """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
+    enough groups carry signal (at most ``max_sampling_rounds``)."""
+    t = s.cfg.train
+    rounds: list[ScoredGroups] = []
+    totals: dict[str, float] = {}
+    informative = 0
+    for round_index in range(t.max_sampling_rounds if t.dynamic_sampling else 1):
+        items = s.prompts.next_batch(t.prompts_per_step)
+        scored, stats = s.scorer.sample(items, s.sampling(iteration, round_index))
+        rounds.append(scored)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+        informative += sum(scored.informative(g) for g in range(scored.num_groups))
+        if informative >= t.prompts_per_step:
+            break
+    rewards = [r for scored in rounds for r in scored.rewards]
+    totals["reward_mean"] = sum(rewards) / len(rewards)
+    totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
+    totals["groups_kept"] = float(min(informative, t.prompts_per_step))
+    totals["sampling_rounds"] = float(len(rounds))
+    return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals
 
 
 def export_hf(cfg: Config, out: str) -> None:

@@ -1,0 +1,87 @@
+"""Sampling and scoring for the trainer: the engine, the tokenizer's decode and the reward
+processes live on global rank 0; every rank receives the same scored samples."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from sfpo_megatron.data import BatchItem
+from sfpo_megatron.experience import ScoredGroups
+from sfpo_megatron.rewards import RewardComputer
+from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
+
+
+def solved(reward: float) -> bool:
+    """A sample counts as correct (accuracy, avg@k) when it earns the full reward."""
+    return reward >= 1.0
+
+
+def from_rank0(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RolloutScorer:
+    """Generates ``n`` samples per prompt and scores them against the reference answers.
+
+    Only rank 0 holds ``engine``, ``decode`` and ``rewards`` (None elsewhere); :meth:`sample` is
+    collective and returns identical results on every rank.
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine | None,
+        decode: Callable[[list[int]], str] | None,
+        rewards: RewardComputer | None,
+    ) -> None:
+        self.engine, self.decode, self.rewards = engine, decode, rewards
+
+    def sample(
+        self, items: list[BatchItem], params: SamplingParams
+    ) -> tuple[ScoredGroups, dict[str, float]]:
+        result = None
+        if dist.get_rank() == 0:
+            result = self._sample_here(items, params)
+        return from_rank0(result)
+
+    def _sample_here(
+        self, items: list[BatchItem], params: SamplingParams
+    ) -> tuple[ScoredGroups, dict[str, float]]:
+        start = time.perf_counter()
+        samples = self.engine.generate([ids for _, ids, _ in items], params)
+        generated = time.perf_counter()
+        records = [items[s.prompt_index][2] for s in samples]
+        rewards, counts = self.rewards.score(
+            [self.decode(s.output_ids) for s in samples],
+            [r.answer for r in records],
+            [r.source for r in records],
+        )
+        stats = {
+            "time_rollout": generated - start,
+            "time_reward": time.perf_counter() - generated,
+            "generated_tokens": float(sum(len(s.output_ids) for s in samples)),
+            **{key: float(value) for key, value in counts.items()},
+        }
+        return ScoredGroups(samples, rewards, params.n), stats
+
+    def evaluate(
+        self, items: list[BatchItem], params: SamplingParams, chunk: int
+    ) -> dict[str, float]:
+        """avg@k (k = ``params.n``): the share of solved samples per problem, averaged per data
+        source (``eval/<source>``) and over sources (``eval/macro``)."""
+        per_source: dict[str, list[float]] = defaultdict(list)
+        for begin in range(0, len(items), chunk):
+            part = items[begin : begin + chunk]
+            scored, _ = self.sample(part, params)
+            for index, (_, _, record) in enumerate(part):
+                group = scored.group(index).rewards
+                per_source[record.source].append(sum(map(solved, group)) / len(group))
+        result = {f"eval/{source}": sum(v) / len(v) for source, v in sorted(per_source.items())}
+        result["eval/macro"] = sum(result.values()) / len(result)
+        return result

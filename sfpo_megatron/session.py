@@ -1,0 +1,282 @@
+"""Everything one training run holds, built in one place: the actor and its update, the
+reference policy, prompts, the rollout engine and reward processes (rank 0), metrics,
+checkpoints; and what happens between iterations (sync, evaluation, saving, resuming)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.actor import Actor
+from sfpo_megatron.algorithms import build_update
+from sfpo_megatron.checkpoint_io.hf_export import save_hf
+from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint
+from sfpo_megatron.checkpoint_io.train_state import (
+    CheckpointManager,
+    latest_complete,
+    load_checkpoint,
+)
+from sfpo_megatron.config import Config, ConfigError
+from sfpo_megatron.data import (
+    Encoder,
+    PromptSet,
+    chat_template_encoder,
+    load_prompts,
+    load_tokenizer,
+)
+from sfpo_megatron.metrics import MetricsLog
+from sfpo_megatron.models.arch import ModelArch, hf_directory
+from sfpo_megatron.reference import ReferencePolicy
+from sfpo_megatron.rewards import RewardComputer, load_reward_fn
+from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.server_pool import ServerPool
+from sfpo_megatron.rollout.sglang_client import SGLangClient
+from sfpo_megatron.rollouts import RolloutScorer
+from sfpo_megatron.sync.distributed import DistributedSync
+from sfpo_megatron.sync.in_process import sync_in_process
+from sfpo_megatron.warm_start import warm_start
+
+_ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Session:
+    """Open with :meth:`open` (a context manager); ``iteration`` is the last one completed."""
+
+    def __init__(self, cfg: Config, arch: ModelArch, checkpoint: HFCheckpoint | None) -> None:
+        self.cfg, self.arch = cfg, arch
+        self.rank0 = dist.get_rank() == 0
+        self._resources = ExitStack()
+        try:  # on every rank, so a bad spec stops all of them at once
+            load_reward_fn(cfg.reward.fn)
+        except (ImportError, AttributeError, TypeError, ValueError) as error:
+            raise ConfigError(f"reward.fn: {error}") from error
+        tokenizer = load_tokenizer(cfg.data.tokenizer or str(hf_directory(cfg.model.hf_config)))
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {tokenizer.name_or_path} has no eos token")
+        self.tokenizer = tokenizer
+        encode = chat_template_encoder(tokenizer, cfg.data.use_chat_template)
+        if not cfg.data.train_files:
+            raise ConfigError("data.train_files must list at least one JSONL or Parquet file")
+        self.prompts = self._prompt_set("train", cfg.data.train_files, encode)
+        self.eval_items = []
+        if cfg.eval.files:
+            eval_set = self._prompt_set("eval", cfg.eval.files, encode)
+            self.eval_items = [
+                (i, eval_set.token_ids[i], eval_set.records[i]) for i in range(len(eval_set))
+            ]
+        self._encode = encode
+
+        self.actor = Actor.build(cfg, arch, checkpoint)
+        # The reference is the model as built (HF weights or the seeded random init), before
+        # warm start or resume, so a resumed run rebuilds the same one.
+        self.reference = ReferencePolicy(self.actor) if cfg.algorithm.kl_coef > 0 else None
+        self.update = build_update(cfg.algorithm, self.actor)
+        self.engine, self.distributed_sync = None, None
+        rewards = None
+        if cfg.rollout.engine == "servers":
+            self._connect_servers()
+        elif self.rank0:
+            self.engine = EmbeddedEngine(
+                hf_directory(cfg.model.hf_config),
+                self.actor.device,
+                _ENGINE_DTYPES[cfg.model.dtype],
+            )
+        if self.rank0:
+            rewards = self._resources.enter_context(
+                RewardComputer(cfg.reward.fn, cfg.reward.workers, cfg.reward.timeout_s)
+            )
+        self.scorer = RolloutScorer(self.engine, self._decode if self.rank0 else None, rewards)
+        self.checkpoints = (
+            CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.async_save)
+            if cfg.checkpoint.dir
+            else None
+        )
+        self.iteration = 0
+        self.best: dict[str, float] | None = None
+
+    def _connect_servers(self) -> None:
+        """Disaggregated rollout: every rank knows the servers (stage leaders send weights);
+        rank 0 samples from them once they answer."""
+        r = self.cfg.rollout
+        clients = [SGLangClient(url, r.request_timeout_s) for url in r.server_urls]
+        if self.rank0:
+            self.engine = ServerPool(clients)
+            self.engine.wait_healthy(self.cfg.parallel.timeout_s)
+        self.distributed_sync = DistributedSync(
+            clients,
+            r.sync_address or socket.gethostname(),
+            r.sync_port,
+            "nccl" if torch.cuda.is_available() else "gloo",
+            r.server_tp,
+            timeout_s=self.cfg.parallel.timeout_s,
+        )
+        self.distributed_sync.connect()
+
+    def _prompt_set(self, role: str, files: list[str], encode: Encoder) -> PromptSet:
+        d = self.cfg.data
+        records, counts = load_prompts(
+            files, d.prompt_key, d.answer_key, d.source_key, d.skip_malformed
+        )
+        prompts = PromptSet(records, encode, d.max_prompt_length, d.seed)
+        if self.rank0:
+            print(
+                f"{role} prompts from {', '.join(files)}: {len(prompts)} of "
+                f"{counts['rows_read']} rows ({counts['malformed_skipped']} malformed skipped, "
+                f"{prompts.dropped_too_long} "
+                f"longer than data.max_prompt_length={d.max_prompt_length} dropped)",
+                flush=True,
+            )
+        return prompts
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _encode_answer(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @classmethod
+    def open(cls, cfg: Config, arch: ModelArch, checkpoint: HFCheckpoint | None) -> Session:
+        session = cls(cfg, arch, checkpoint)
+        try:
+            session._begin()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.finalize()
+        self._resources.close()
+
+    # ------------------------------------------------------------------ start / resume
+
+    def _begin(self) -> None:
+        resume = self._resume_path()
+        if resume is not None:
+            self._load(resume)
+        elif self.cfg.train.warm_start_steps:
+            answers = PromptSet(
+                self.prompts.records,
+                self._encode,
+                self.cfg.data.max_prompt_length,
+                self.cfg.data.seed + 1,
+            )
+            warm_start(
+                self.actor,
+                answers,
+                self._encode_answer,
+                self.tokenizer.eos_token_id,
+                self.cfg.train.warm_start_steps,
+            )
+        self.log = MetricsLog(
+            self.cfg.logging, self.cfg.train.iterations, self.cfg.to_dict(), self.iteration
+        )
+        self._resources.callback(self.log.close)
+        self.sync(version=self.iteration)
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return None
+        path = latest_complete(self.cfg.checkpoint.dir) if resume == "auto" else Path(resume)
+        if path is not None and self.rank0:
+            print(f"resuming from {path}", flush=True)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path, self.actor)
+        self.iteration = state["iteration"]
+        self.prompts.load_state_dict(state["data"])
+        self.update.load_state_dict(state["update"])
+        self.best = state["best"]
+
+    def _state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "data": self.prompts.state_dict(),
+            "update": self.update.state_dict(),
+            "best": self.best,
+        }
+
+    # ------------------------------------------------------------------ per iteration
+
+    def sampling(self, iteration: int, round_index: int) -> SamplingParams:
+        """Training rollouts' sampling; the seed depends only on (data.seed, iteration, round),
+        so a resumed run draws the same samples as an uninterrupted one."""
+        r = self.cfg.rollout
+        return SamplingParams(
+            n=self.cfg.train.samples_per_prompt,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_response_length,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+            seed=self.cfg.data.seed * 1_000_003 + iteration * 64 + round_index,
+        )
+
+    def sync(self, version: int) -> None:
+        """Push the actor's weights into the engine (collective)."""
+        if self.distributed_sync is not None:
+            self.distributed_sync.push(self.actor.chunks, self.arch, version)
+        else:
+            sync_in_process(self.actor.chunks, self.arch, self.engine, version)
+
+    def after_iteration(self, iteration: int) -> dict[str, float]:
+        """Evaluation and checkpoint due after ``iteration``; returns their metrics."""
+        self.iteration = iteration
+        metrics: dict[str, float] = {}
+        e, last = self.cfg.eval, iteration == self.cfg.train.iterations
+        if e.interval and (iteration % e.interval == 0 or last):
+            clock = time.perf_counter()
+            metrics.update(self.evaluate(iteration))
+            metrics["time_eval"] = time.perf_counter() - clock
+        c = self.cfg.checkpoint
+        if self.checkpoints is not None and ((c.interval and iteration % c.interval == 0) or last):
+            clock = time.perf_counter()
+            self.checkpoints.save(iteration, self.actor, self._state())
+            metrics["time_checkpoint"] = time.perf_counter() - clock
+        return metrics
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        e = self.cfg.eval
+        params = SamplingParams(
+            n=e.k,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            max_new_tokens=self.cfg.rollout.max_response_length,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+            seed=self.cfg.data.seed * 1_000_003 + iteration * 64 + 63,
+        )
+        result = self.scorer.evaluate(self.eval_items, params, self.cfg.train.prompts_per_step)
+        if self.best is None or result["eval/macro"] > self.best["eval/macro"]:
+            self.best = {"iteration": iteration, "eval/macro": result["eval/macro"]}
+            if self.rank0:
+                out = Path(self.cfg.logging.output_dir) / "best.json"
+                out.write_text(json.dumps(self.best) + "\n")
+        return result
+
+    def finish(self) -> None:
+        """At the end: the HF export if configured (the last checkpoint was saved already)."""
+        c = self.cfg.checkpoint
+        if c.export_hf_dir:
+            save_hf(
+                self.actor.chunks,
+                self.arch,
+                hf_directory(self.cfg.model.hf_config),
+                c.export_hf_dir,
+                c.export_shard_mb,
+            )

@@ -1,0 +1,188 @@
+"""The RL loop end to end on the demo task's tokenizer: exact resume (SFPO before and after the
+entropy switch), a job killed while writing a checkpoint, and bad data / reward functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
+
+from conftest import REPO, free_port
+
+MODEL = REPO / "examples/models/tiny-arith"
+TASK = REPO / "examples/tasks/arithmetic"
+DEMO = REPO / "examples/configs/demo_arithmetic.yaml"
+VOLATILE = ("time_", "seconds", "tokens_per_s")
+
+
+def overrides(run: Path, **extra) -> list[str]:
+    """A 5-iteration SFPO run whose entropy switch fires at iteration 2 (window 2, two-sided:
+    |z| is exactly 1 there), evaluated every 2 iterations and checkpointed every iteration."""
+    settings = {
+        "model.hf_config": str(MODEL),
+        "model.load_weights": "false",
+        "model.dtype": "fp32",
+        "train.iterations": 5,
+        "train.prompts_per_step": 4,
+        "train.samples_per_prompt": 4,
+        "train.mini_batch_prompts": 2,
+        "train.micro_batch_size": 4,
+        "train.warm_start_steps": 2,
+        "optimizer.lr": 1e-3,
+        "algorithm.name": "sfpo",
+        "algorithm.sfpo.window": 2,
+        "algorithm.sfpo.tau": 0.5,
+        "algorithm.sfpo.one_sided": "false",
+        "rollout.max_response_length": 4,
+        "data.train_files": str(TASK / "train.jsonl"),
+        "data.use_chat_template": "false",
+        "data.max_prompt_length": 16,
+        "reward.fn": f"{TASK / 'reward.py'}:exact_match",
+        "reward.workers": 0,
+        "eval.files": str(TASK / "eval.jsonl"),
+        "eval.interval": 2,
+        "eval.k": 2,
+        "logging.output_dir": str(run / "log"),
+        "checkpoint.dir": str(run / "ckpt"),
+        "checkpoint.interval": 1,
+        "checkpoint.export_hf_dir": str(run / "hf"),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def command(ranks: int, args: list[str]) -> list[str]:
+    cli = ["-m", "sfpo_megatron.cli", "train", str(DEMO), *args]
+    if ranks == 1:
+        return [sys.executable, *cli]
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    return [sys.executable, *launch, "--master_port", str(free_port()), *cli]
+
+
+def train(run: Path, ranks: int = 2, check: bool = True, **extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command(ranks, overrides(run, **extra)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def stable_metrics(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "log/metrics.jsonl").read_text().splitlines()]
+    return {
+        row["iteration"]: {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+        for row in rows
+    }
+
+
+def assert_same_result(run: Path, reference: Path, after: int) -> None:
+    ours, theirs = stable_metrics(run), stable_metrics(reference)
+    for iteration in range(after + 1, 6):
+        assert ours[iteration] == theirs[iteration], iteration
+    a, b = load_file(run / "hf/model.safetensors"), load_file(reference / "hf/model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    state = json.loads((run / "ckpt/iter_0000005/trainer_state.json").read_text())
+    expected = json.loads((reference / "ckpt/iter_0000005/trainer_state.json").read_text())
+    assert state == expected
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(run)
+    return run
+
+
+def test_uninterrupted_run_switches_and_logs(uninterrupted):
+    metrics = stable_metrics(uninterrupted)
+    assert sorted(metrics) == [1, 2, 3, 4, 5]
+    assert [metrics[i]["sfpo_active"] for i in range(1, 6)] == [1, 1, 0, 0, 0]
+    assert [metrics[i]["switched"] for i in range(1, 6)] == [0, 1, 1, 1, 1]
+    assert all(metrics[i]["weight_version"] == i for i in metrics)
+    assert all(abs(metrics[i]["rollout_logprob_gap"]) < 1e-4 for i in metrics)
+    assert {"eval/macro", "eval/add2"} <= metrics[2].keys() and "eval/macro" in metrics[5]
+    best = json.loads((uninterrupted / "log/best.json").read_text())
+    assert best["iteration"] in (2, 4, 5)
+
+
+@pytest.mark.parametrize("stopped_after", [1, 3], ids=["before-switch", "after-switch"])
+def test_resume_is_exact(uninterrupted, tmp_path, stopped_after):
+    (tmp_path / "ckpt").mkdir()
+    name = f"iter_{stopped_after:07d}"
+    shutil.copytree(uninterrupted / "ckpt" / name, tmp_path / "ckpt" / name)
+    shutil.copytree(uninterrupted / "log", tmp_path / "log")
+    train(tmp_path, **{"checkpoint.resume": "auto"})
+    assert_same_result(tmp_path, uninterrupted, stopped_after)
+
+
+def test_killed_while_checkpointing_resumes_from_the_previous_one(uninterrupted, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(
+        command(2, overrides(tmp_path)),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = tmp_path / "ckpt"
+    deadline = time.monotonic() + 300
+    while not list(ckpt.glob("iter_0000003.partial")) and time.monotonic() < deadline:
+        assert job.poll() is None, "the run ended before its third checkpoint"
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert (ckpt / "iter_0000003.partial").exists() and not (ckpt / "iter_0000003").exists()
+    train(tmp_path, **{"checkpoint.resume": "auto"})
+    assert_same_result(tmp_path, uninterrupted, 2)
+
+
+def test_rollouts_from_a_server_process_under_tp2(tmp_path):
+    """Disaggregated rollout: the trainer (TP2) samples from a server over HTTP and pushes its
+    weights over a gloo broadcast group after every update; rollout log-probs equal the
+    actor's, so the server samples from exactly the trainer's weights at every iteration."""
+    port = free_port()
+    server = ServerProcess(
+        embedded_command(str(MODEL), port), f"http://127.0.0.1:{port}", tmp_path / "server.log", 60
+    )
+    server.start()
+    try:
+        train(
+            tmp_path,
+            **{
+                "parallel.tensor": 2,
+                "train.iterations": 2,
+                "checkpoint.dir": "null",
+                "checkpoint.interval": 0,
+                "eval.interval": 0,
+                "rollout.engine": "servers",
+                "rollout.server_urls": f"[http://127.0.0.1:{port}]",
+                "rollout.sync_address": "127.0.0.1",
+                "rollout.sync_port": free_port(),
+            },
+        )
+    finally:
+        server.stop()
+    metrics = stable_metrics(tmp_path)
+    assert [metrics[i]["weight_version"] for i in (1, 2)] == [1, 2]
+    assert all(metrics[i]["rollout_logprob_gap"] < 1e-4 for i in (1, 2))
