@@ -96,7 +96,7 @@ def build_model(cfg: Config, arch: ModelArch) -> list[DistributedDataParallel]:
         vp_stage = stage if vpp > 1 else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(arch, config, vp_stage),
+            transformer_layer_spec=block_spec(arch, config, vp_stage, cfg.model.attention),
             vocab_size=vocab,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(
