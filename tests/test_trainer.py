@@ -20,9 +20,9 @@ from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
 
 from conftest import REPO, free_port
 
-MODEL = REPO / "examples/models/tiny-arith"
-TASK = REPO / "examples/tasks/arithmetic"
-DEMO = REPO / "examples/configs/demo_arithmetic.yaml"
+MODEL = REPO / "examples/models/tiny-digits"
+TASK = REPO / "examples/tasks/digits"
+DEMO = REPO / "examples/configs/demo.yaml"
 VOLATILE = ("time_", "seconds", "tokens_per_s")
 
 
@@ -38,6 +38,7 @@ def overrides(run: Path, **extra) -> list[str]:
         "train.samples_per_prompt": 4,
         "train.mini_batch_prompts": 2,
         "train.micro_batch_size": 4,
+        "train.dynamic_sampling": "true",
         "train.warm_start_steps": 2,
         "optimizer.lr": 1e-3,
         "algorithm.name": "sfpo",
@@ -45,12 +46,12 @@ def overrides(run: Path, **extra) -> list[str]:
         "algorithm.sfpo.tau": 0.5,
         "algorithm.sfpo.one_sided": "false",
         "rollout.max_response_length": 4,
-        "data.train_files": str(TASK / "train.jsonl"),
+        "data.train_files": str(TASK / "problems.jsonl"),
         "data.use_chat_template": "false",
         "data.max_prompt_length": 16,
         "reward.fn": f"{TASK / 'reward.py'}:exact_match",
         "reward.workers": 0,
-        "eval.files": str(TASK / "eval.jsonl"),
+        "eval.files": str(TASK / "problems.jsonl"),
         "eval.interval": 2,
         "eval.k": 2,
         "logging.output_dir": str(run / "log"),
@@ -120,7 +121,7 @@ def test_uninterrupted_run_switches_and_logs(uninterrupted):
     assert [metrics[i]["switched"] for i in range(1, 6)] == [0, 1, 1, 1, 1]
     assert all(metrics[i]["weight_version"] == i for i in metrics)
     assert all(abs(metrics[i]["rollout_logprob_gap"]) < 1e-4 for i in metrics)
-    assert {"eval/macro", "eval/add2"} <= metrics[2].keys() and "eval/macro" in metrics[5]
+    assert {"eval/macro", "eval/add", "eval/sub"} <= metrics[2].keys() and "eval/macro" in metrics[5]
     best = json.loads((uninterrupted / "log/best.json").read_text())
     assert best["iteration"] in (2, 4, 5)
 

@@ -1,0 +1,79 @@
+"""Writes the demo task: every one-digit sum and difference as one JSONL prompt set (the demo
+trains and evaluates on it: it shows learning, not generalisation), and the
+character tokenizer and config of the tiny model that learns them
+(examples/models/tiny-digits).
+
+    python examples/tasks/digits/make_task.py   # rewrites the shipped files identically
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODEL_DIR = HERE.parent.parent / "models" / "tiny-digits"
+CHARACTERS = "0123456789+-="
+SPECIAL = ("<pad>", "<eos>")
+SEED = 7
+
+
+def problems() -> list[dict[str, str]]:
+    """Every a+b and every a-b >= 0 with one-digit a and b, tagged by operation."""
+    rows = []
+    for a in range(10):
+        for b in range(10):
+            rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "data_source": "add"})
+            if a >= b:
+                rows.append({"prompt": f"{a}-{b}=", "answer": str(a - b), "data_source": "sub"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def save_tokenizer(directory: Path) -> None:
+    """One token per character plus <pad> (id 0) and <eos> (id 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL + tuple(CHARACTERS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(directory)
+
+
+def save_model_config(directory: Path) -> None:
+    """A two-layer Qwen2 shape, small enough to train on two CPU cores in a minute."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(
+        vocab_size=len(SPECIAL) + len(CHARACTERS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    ).save_pretrained(directory)
+
+
+def main() -> None:
+    rows = problems()
+    random.Random(SEED).shuffle(rows)
+    write_jsonl(HERE / "problems.jsonl", rows)
+    save_tokenizer(MODEL_DIR)
+    save_model_config(MODEL_DIR)
+    print(f"{len(rows)} problems; tokenizer and model config in {MODEL_DIR}")
+
+
+if __name__ == "__main__":
+    main()
