@@ -267,10 +267,17 @@ _FILE_PATHS = (
     ("data", "tokenizer"),
     ("eval", "files"),
 )
-"""Keys holding input files, which a config file names relative to itself."""
+"""Keys holding input files, which a config file names relative to itself (and reward.fn's
+``path/file.py`` part)."""
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    reward = raw.get("reward")
+    fn = reward.get("fn") if isinstance(reward, dict) else None
+    if isinstance(fn, str) and ".py:" in fn:  # a reward function by file path
+        path, _, name = fn.rpartition(":")
+        if not Path(path).is_absolute():
+            reward["fn"] = f"{base / path}:{name}"
     for section, key in _FILE_PATHS:
         node = raw.get(section)
         if not isinstance(node, dict) or key not in node:

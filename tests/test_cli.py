@@ -1,4 +1,5 @@
-"""The README's main command path: ``sfpo-megatron train`` on the shipped tiny config."""
+"""The README's main command path: ``sfpo-megatron train`` on the shipped demo config, and
+how the CLI fails on bad configs, data and reward functions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import sys
 
 from conftest import REPO, free_port, torchrun
 
-CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
+CONFIG = REPO / "examples" / "configs" / "demo.yaml"
+# A few quick iterations of the demo: 2 prompts x 4 samples per step, one mini-batch each.
+QUICK = [
+    "train.prompts_per_step=2",
+    "train.samples_per_prompt=4",
+    "train.mini_batch_prompts=1",
+    "train.micro_batch_size=4",
+    "train.warm_start_steps=2",
+    "train.dynamic_sampling=false",
+    "reward.workers=0",
+    "eval.interval=0",
+    "logging.log_interval=1",
+]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -31,6 +44,7 @@ def test_train_prints_progress_and_writes_metrics(tmp_path):
     proc = run_cli(
         "train",
         str(CONFIG),
+        *QUICK,
         "train.iterations=3",
         f"logging.output_dir={tmp_path}",
         f"checkpoint.export_hf_dir={tmp_path / 'hf'}",
@@ -42,11 +56,12 @@ def test_train_prints_progress_and_writes_metrics(tmp_path):
         ["2/3", "sfpo"],
         ["3/3", "sfpo"],
     ]
+    assert "train prompts from" in proc.stdout and "155 of 155 rows" in proc.stdout
     records = read_metrics(tmp_path)
     assert [r["iteration"] for r in records] == [1, 2, 3]
     for record in records:  # SFPO, K = 3: 3 fast passes + 1 slow pass of 2 mini-batches each
         assert record["optimizer_steps"] == 2 and record["fast_optimizer_steps"] == 6
-        assert record["tokens"] > 0
+        assert record["tokens"] > 0 and 0 <= record["reward_mean"] <= 1
         assert 0 < record["grad_norm"] < 100 and abs(record["pg_loss"]) < 10
     # the trained policy, exported at the end, loads in transformers with every weight
     from transformers import AutoModelForCausalLM
@@ -58,7 +73,8 @@ def test_train_prints_progress_and_writes_metrics(tmp_path):
 
 def test_same_run_under_tp2_gives_the_same_losses(tmp_path):
     single, tp2 = tmp_path / "single", tmp_path / "tp2"
-    args = ["train.iterations=2", "parallel.timeout_s=120"]
+    # The same padded vocabulary (16) under TP1 and TP2, so the seeded random init is the same.
+    args = [*QUICK, "train.iterations=1", "parallel.timeout_s=120", "model.vocab_pad_multiple=8"]
     assert run_cli("train", str(CONFIG), *args, f"logging.output_dir={single}").returncode == 0
     torchrun(
         2,
@@ -107,6 +123,7 @@ def test_slurm_style_launch_without_torchrun(tmp_path):
                     "sfpo_megatron.cli",
                     "train",
                     str(CONFIG),
+                    *QUICK,
                     "train.iterations=1",
                     "parallel.tensor=2",
                     "parallel.timeout_s=120",
@@ -122,3 +139,83 @@ def test_slurm_style_launch_without_torchrun(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:]
     assert "iter 1/1 sfpo" in outputs[0][0]
     assert read_metrics(tmp_path)[0]["optimizer_steps"] == 2
+
+
+def write_rows(path, rows: list) -> str:
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = {"prompt": "1+2=", "answer": "3", "data_source": "add"}
+
+
+def test_malformed_row_stops_with_file_and_line_or_is_skipped_when_asked(tmp_path):
+    data = write_rows(tmp_path / "bad.jsonl", [GOOD, GOOD, "{not json\n", GOOD])
+    proc = run_cli("train", str(CONFIG), *QUICK, f"data.train_files=[{data}]")
+    assert proc.returncode == 2
+    assert f"{data}, line 3: invalid JSON" in proc.stderr
+    assert not (tmp_path / "log").exists()
+    skipped = run_cli(
+        "train",
+        str(CONFIG),
+        *QUICK,
+        "train.iterations=1",
+        f"data.train_files=[{data}]",
+        "data.skip_malformed=true",
+        f"logging.output_dir={tmp_path / 'log'}",
+    )
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "3 of 4 rows (1 malformed skipped" in skipped.stdout
+
+
+def test_empty_dataset_and_all_prompts_too_long_are_errors(tmp_path):
+    empty = write_rows(tmp_path / "empty.jsonl", [])
+    proc = run_cli("train", str(CONFIG), *QUICK, f"data.train_files=[{empty}]")
+    assert proc.returncode == 2 and "no usable prompt rows" in proc.stderr
+    proc = run_cli("train", str(CONFIG), *QUICK, "data.max_prompt_length=2")
+    assert proc.returncode == 2
+    assert "all 155 prompts are longer than max_prompt_length=2" in proc.stderr
+
+
+def test_dataset_smaller_than_a_batch_repeats_prompts(tmp_path):
+    """One prompt and two prompts per step: the batch wraps into the next epoch."""
+    data = write_rows(tmp_path / "one.jsonl", [GOOD])
+    proc = run_cli(
+        "train",
+        str(CONFIG),
+        *QUICK,
+        "train.iterations=2",
+        f"data.train_files=[{data}]",
+        f"logging.output_dir={tmp_path / 'log'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "log")] == [1, 2]
+
+
+def test_raising_reward_function_scores_zero_and_is_counted(tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def flaky(response, answer, source):\n"
+        "    if len(response) % 2:\n"
+        "        raise RuntimeError('bad sample')\n"
+        "    return 1.0\n"
+    )
+    proc = run_cli(
+        "train",
+        str(CONFIG),
+        *QUICK,
+        "train.iterations=2",
+        f"reward.fn={reward}:flaky",
+        "reward.workers=1",
+        f"logging.output_dir={tmp_path / 'log'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path / "log")
+    assert sum(r["reward_errors"] for r in records) > 0
+    for r in records:  # every sample is either an error (0) or a success (1)
+        assert r["reward_mean"] == 1 - r["reward_errors"] / 8
+
+
+def test_bad_reward_spec_exits_2(tmp_path):
+    proc = run_cli("train", str(CONFIG), *QUICK, f"reward.fn={tmp_path / 'none.py'}:fn")
+    assert proc.returncode == 2 and "reward.fn" in proc.stderr
