@@ -213,8 +213,8 @@ def test_cli_table_and_errors(qwen7b, capsys):
     assert cli(str(qwen7b), "--tensor", "3") == 2
     assert "parallel.tensor=3 must divide" in capsys.readouterr().err
     # a run YAML brings its model, layout and batch; flags override them
-    assert cli(str(REPO / "examples/configs/tiny_cpu.yaml"), "--gpus", "2", "--tensor", "2") == 0
-    assert "TP2 PP1 DP1 dist-opt fp32 mbs 4 x seq 80" in capsys.readouterr().out
+    assert cli(str(REPO / "examples/configs/demo.yaml"), "--gpus", "2", "--tensor", "2") == 0
+    assert "TP2 PP1 DP1 dist-opt fp32 mbs 128 x seq 11" in capsys.readouterr().out
 
 
 def test_search_respects_the_run_config(qwen7b):
