@@ -122,3 +122,21 @@ def layout_runs(tmp_path_factory):
     from layouts import run_all
 
     return run_all(tmp_path_factory.mktemp("layouts"))
+
+
+def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: bool = False):
+    """The embedded engine's HTTP server on a free port, started and healthy. A port another
+    process takes between choosing and binding it is retried on a new one."""
+    from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
+    from sfpo_megatron.rollout.sglang_client import RolloutError
+
+    for attempt in range(3):
+        port = free_port()
+        command = embedded_command(str(model_dir), port, load_weights=load_weights)
+        server = ServerProcess([*command, *extra_args], f"http://127.0.0.1:{port}", log_path, 60)
+        try:
+            server.start()
+            return server
+        except RolloutError as error:
+            if "Address already in use" not in str(error) or attempt == 2:
+                raise

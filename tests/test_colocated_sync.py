@@ -23,11 +23,18 @@ import torch
 
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.http_server import EngineServer, RequestError
-from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
+from sfpo_megatron.rollout.launcher import ServerProcess
 from sfpo_megatron.sync.colocated import decode_bucket, encode_bucket
 from sfpo_megatron.sync.flat_bucket import flatten
 
-from conftest import REPO, TESTS, free_port, save_random_hf_model, torchrun, write_hf_config
+from conftest import (
+    REPO,
+    TESTS,
+    save_random_hf_model,
+    start_embedded_server,
+    torchrun,
+    write_hf_config,
+)
 
 SGLANG_ALLOWED = {
     ("torch.multiprocessing.reductions", "rebuild_tensor"),
@@ -226,15 +233,9 @@ def stopped_when_done(report: Path, servers: list[ServerProcess]) -> Iterator[No
 
 
 def start_server(model_dir, tmp_path, index, tp_size):
-    port = free_port()
-    server = ServerProcess(
-        embedded_command(str(model_dir), port) + ["--tp-size", str(tp_size)],
-        f"http://127.0.0.1:{port}",
-        tmp_path / f"server{index}.log",
-        60,
+    return start_embedded_server(
+        model_dir, tmp_path / f"server{index}.log", "--tp-size", str(tp_size)
     )
-    server.start()
-    return server
 
 
 @pytest.mark.parametrize(

@@ -19,19 +19,12 @@ from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sgla
 from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
 from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
 
-from conftest import TESTS, free_port, save_random_hf_model, torchrun
+from conftest import TESTS, free_port, save_random_hf_model, start_embedded_server, torchrun
 
 
 def start_server(model_dir, tmp_path, load_weights=False):
     """The embedded engine's server; returns its process and a client with short retries."""
-    port = free_port()
-    server = ServerProcess(
-        embedded_command(str(model_dir), port, load_weights=load_weights),
-        f"http://127.0.0.1:{port}",
-        tmp_path / "server.log",
-        60,
-    )
-    server.start()
+    server = start_embedded_server(model_dir, tmp_path / "server.log", load_weights=load_weights)
     client = SGLangClient(server.url, timeout_s=60, retries=2, backoff_s=0.2)
     return server.process, client
 

@@ -16,9 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
-
-from conftest import REPO, free_port
+from conftest import REPO, free_port, start_embedded_server
 
 MODEL = REPO / "examples/models/tiny-digits"
 TASK = REPO / "examples/tasks/digits"
@@ -163,11 +161,8 @@ def test_rollouts_from_a_server_process_under_tp2(tmp_path):
     """Disaggregated rollout: the trainer (TP2) samples from a server over HTTP and pushes its
     weights over a gloo broadcast group after every update; rollout log-probs equal the
     actor's, so the server samples from exactly the trainer's weights at every iteration."""
-    port = free_port()
-    server = ServerProcess(
-        embedded_command(str(MODEL), port), f"http://127.0.0.1:{port}", tmp_path / "server.log", 60
-    )
-    server.start()
+    server = start_embedded_server(MODEL, tmp_path / "server.log")
+    port = server.url.rsplit(":", 1)[1]
     try:
         train(
             tmp_path,
