@@ -334,7 +334,7 @@ def test_colocated_two_nodes_requeued_by_usr1_resumes(cluster, tmp_path):
     assert "trainer: 2 node(s) (ci[1-2]) x 1 ranks" in log and "restart 1" in log, log
     assert f"USR1: requeueing job {job}" in log
     assert f"resuming from {ckpt / f'iter_{k:07d}'}" in log
-    metrics = read_metrics(tmp_path / "log/metrics.jsonl")
+    metrics = read_metrics(tmp_path / "log/metrics.jsonl")  # (two 1-rank worlds: each twice)
     assert [m["iteration"] for m in metrics] == list(range(1, k + 3))
     assert newest_checkpoint(ckpt) == k + 2
     assert (ckpt / f"iter_{k + 2:07d}" / TRAINER_STATE).is_file()

@@ -35,16 +35,27 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def save_tokenizer(directory: Path) -> None:
-    """One token per character plus <pad> (id 0) and <eos> (id 1)."""
+    """One token per character plus <pad> (id 0) and <eos> (id 1). transformers loads it as
+    Qwen2's tokenizer class (from config.json), whose default unknown token would add a 16th
+    token: the unknown token is <pad> instead."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate(SPECIAL + tuple(CHARACTERS))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
-    tokenizer.save_pretrained(directory)
+    core.add_special_tokens(list(SPECIAL))
+    directory.mkdir(parents=True, exist_ok=True)
+    core.save(str(directory / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "unk_token": "<pad>",
+        "model_max_length": 32,
+        "clean_up_tokenization_spaces": False,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def save_model_config(directory: Path) -> None:
