@@ -140,3 +140,20 @@ def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: b
         except RolloutError as error:
             if "Address already in use" not in str(error) or attempt == 2:
                 raise
+
+
+def srun_env(rank: int, ranks: int, port: int) -> dict[str, str]:
+    """The environment srun gives task ``rank`` of ``ranks`` on this host (no torchrun)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "SLURM_PROCID": str(rank),
+        "SLURM_NTASKS": str(ranks),
+        "SLURM_LOCALID": str(rank),
+        "SLURM_NODELIST": "localhost",
+        "MASTER_PORT": str(port),
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(key, None)
+    return env

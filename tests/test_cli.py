@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, free_port, torchrun
+from conftest import REPO, free_port, srun_env, torchrun
 
 CONFIG = REPO / "examples" / "configs" / "demo.yaml"
 # A few quick iterations of the demo: 2 prompts x 4 samples per step, one mini-batch each.
@@ -103,18 +103,7 @@ def test_slurm_style_launch_without_torchrun(tmp_path):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-            "SLURM_PROCID": str(rank),
-            "SLURM_NTASKS": "2",
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NODELIST": "localhost",
-            "MASTER_PORT": str(port),
-        }
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-            env.pop(key, None)
+        env = srun_env(rank, 2, port)
         procs.append(
             subprocess.Popen(
                 [

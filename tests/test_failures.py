@@ -4,7 +4,6 @@ uninterrupted run. Ranks are started as srun starts them (no torchrun agent to c
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 from test_trainer import DEMO, assert_same_result, overrides
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, srun_env
 
 TIMEOUT_S = 60
 LAYOUT = {"parallel.tensor": 2, "parallel.timeout_s": TIMEOUT_S, "eval.interval": 0}
@@ -23,17 +22,7 @@ def start_ranks(run, ranks: int = 4, **extra) -> list[subprocess.Popen]:
     args = overrides(run, **LAYOUT, **extra)
     procs = []
     for rank in range(ranks):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "SLURM_PROCID": str(rank),
-            "SLURM_NTASKS": str(ranks),
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NODELIST": "localhost",
-            "MASTER_PORT": str(port),
-        }
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-            env.pop(key, None)
+        env = srun_env(rank, ranks, port)
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "sfpo_megatron.cli", "train", str(DEMO), *args],
