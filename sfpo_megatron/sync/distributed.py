@@ -131,6 +131,8 @@ class DistributedSync:
     def _send(self, bucket, weight_version: str | None) -> None:
         """One request and one broadcast per server for one bucket."""
         flat = flatten(bucket)
+        # The export stream hands over host tensors; NCCL broadcasts device memory only.
+        buffer = flat.buffer.cuda() if self.backend == "nccl" else flat.buffer
         for index, (client, group) in enumerate(zip(self.clients, self.groups, strict=True)):
             reply = self.pool.submit(
                 client.update_weights_from_distributed,
@@ -140,6 +142,6 @@ class DistributedSync:
                 self._group_name(index),
                 weight_version,
             )
-            dist.broadcast(flat.buffer, src=0, group=group)
+            dist.broadcast(buffer, src=0, group=group)
             reply.result()
         self.buckets_sent += 1
