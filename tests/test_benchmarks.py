@@ -1,0 +1,112 @@
+"""The GPU benchmark scripts run end to end on the CPU with the tiny preset, and the numbers in
+their tables agree with the formulas their output states."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table(stdout: str) -> list[dict[str, str]]:
+    """The markdown table's rows as {column: cell}; the separator row must follow the header."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, separator, *rows = cells
+    assert all(re.fullmatch(r"-+:", c) for c in separator)
+    assert rows and all(len(row) == len(header) for row in rows)
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def tiny_matmul_params() -> int:
+    """GEMM parameters of the tiny preset counted by hand: vocab 300 padded to 384, hidden 64,
+    2 layers, 4 heads of 16, 2 KV heads, FFN 96 (SwiGLU), untied output layer."""
+    hidden, ffn, kv_width, vocab = 64, 96, 2 * 2 * 16, 384
+    qkv = hidden * (hidden + kv_width) + hidden + kv_width
+    layer = qkv + hidden * hidden + hidden * 2 * ffn + ffn * hidden + 2 * hidden
+    return 2 * layer + hidden + vocab * hidden
+
+
+def test_bench_actor_tiny_cpu():
+    out = run_script(
+        "bench_actor.py", "--preset", "tiny", "--seq-length", "32", "64", "--steps", "2"
+    )
+    n_matmul = tiny_matmul_params()
+    assert f"N_matmul={n_matmul}, L=2, d_attn=64, R=4" in out
+    rows = table(out)
+    assert list(rows[0]) == [
+        "seq",
+        "tokens/step",
+        "s/step",
+        "tokens/s",
+        "model TFLOP/s",
+        "peak TFLOP/s",
+        "% peak",
+        "peak mem GiB",
+    ]
+    assert [int(r["seq"]) for r in rows] == [32, 64]
+    for row in rows:
+        seq, tokens, seconds = int(row["seq"]), int(row["tokens/step"]), float(row["s/step"])
+        assert tokens == 4 * seq  # 4 micro-batches x 1 row
+        assert seconds > 0
+        assert float(row["tokens/s"]) == pytest.approx(tokens / seconds, rel=1e-3)
+        flops = 6 * n_matmul * tokens + 6 * 2 * seq**2 * 64 * 4
+        tflops = float(row["model TFLOP/s"])
+        assert tflops == pytest.approx(flops / seconds / 1e12, rel=1e-3)
+        peak = float(row["peak TFLOP/s"])
+        assert peak > 0
+        assert float(row["% peak"]) == pytest.approx(100 * tflops / peak, abs=0.051)
+        assert row["peak mem GiB"] == "-"  # CUDA only
+
+
+def test_bench_generate_tiny_cpu():
+    out = run_script(
+        "bench_generate.py",
+        *("--preset", "tiny", "--batch", "3", "--prompt-len", "8", "--new-tokens", "12"),
+    )
+    (row,) = table(out)
+    assert list(row) == [
+        "batch",
+        "prompt len",
+        "new tokens",
+        "seconds",
+        "tokens/s",
+        "prefill s",
+        "ms/decode step",
+    ]
+    assert (row["batch"], row["prompt len"], row["new tokens"]) == ("3", "8", "12")
+    seconds, prefill = float(row["seconds"]), float(row["prefill s"])
+    assert seconds > prefill > 0
+    assert float(row["tokens/s"]) == pytest.approx(3 * 12 / seconds, rel=1e-3)
+    assert float(row["ms/decode step"]) == pytest.approx((seconds - prefill) / 11 * 1e3, rel=1e-3)
+
+
+def test_generate_rejects_a_single_new_token():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--new-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--new-tokens must be >= 2" in proc.stderr
