@@ -128,11 +128,18 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_response_length: int = 2560
-    engine: Literal["embedded", "servers"] = "embedded"
+    engine: Literal["embedded", "servers", "colocated"] = "embedded"
     """Where rollouts run: ``embedded`` = a transformers copy of the policy in rank 0's
     process, fed by the export stream after every update; ``servers`` = SGLang servers (or
     ``python -m sfpo_megatron.rollout.http_server``) at ``server_urls``, fed over a broadcast
-    group per server and pipeline stage (NCCL on GPU, gloo on CPU)."""
+    group per server and pipeline stage (NCCL on GPU, gloo on CPU); ``colocated`` = one server
+    per ``server_tp`` trainer ranks, launched by the trainer on those ranks' devices, fed
+    through CUDA-IPC handles (shared memory on CPU), its memory released while training."""
+    server: Literal["sglang", "embedded"] = "sglang"
+    """The program a colocated run launches per engine (``embedded``: our HTTP server)."""
+    restart_servers: bool = True
+    """Colocated: a server that died is restarted, its weights re-sent and the batch sampled
+    again (once); servers of other runs (``servers``) are only reported."""
     server_urls: list[str] = field(default_factory=list)
     """Base URLs of the rollout servers; prompts are split evenly across them."""
     server_tp: int = 1
@@ -479,6 +486,10 @@ def validate(cfg: Config) -> None:
     )
     _require(r.server_tp >= 1, f"rollout.server_tp={r.server_tp} must be >= 1")
     _require(
+        r.engine != "colocated" or not r.server_urls,
+        "rollout.engine=colocated launches its own servers: rollout.server_urls must be empty",
+    )
+    _require(
         r.request_timeout_s > 0, f"rollout.request_timeout_s={r.request_timeout_s} must be > 0"
     )
     _require(cfg.reward.workers >= 0, f"reward.workers={cfg.reward.workers} must be >= 0")
@@ -534,6 +545,12 @@ def validate_layout(cfg: Config, arch: ModelArch, world_size: int) -> int:
         f"must divide the model's num_hidden_layers={num_layers}",
     )
     dp = _data_parallel_size(cfg, world_size)
+    r = cfg.rollout
+    _require(
+        r.engine != "colocated" or world_size % r.server_tp == 0,
+        f"rollout.engine=colocated: rollout.server_tp={r.server_tp} must divide the world size "
+        f"{world_size} (one engine per server_tp trainer ranks)",
+    )
     per_rank = t.micro_batch_size * dp
     _require(
         cfg.sequences_per_mini_batch % per_rank == 0,

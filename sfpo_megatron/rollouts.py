@@ -13,6 +13,7 @@ from sfpo_megatron.data import BatchItem
 from sfpo_megatron.experience import ScoredGroups
 from sfpo_megatron.rewards import RewardComputer
 from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
+from sfpo_megatron.rollout.sglang_client import RolloutError
 
 
 def solved(reward: float) -> bool:
@@ -39,16 +40,37 @@ class RolloutScorer:
         engine: RolloutEngine | None,
         decode: Callable[[list[int]], str] | None,
         rewards: RewardComputer | None,
+        recover: Callable[[], bool] = lambda: False,
     ) -> None:
         self.engine, self.decode, self.rewards = engine, decode, rewards
+        self.recover = recover
 
     def sample(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
-        result = None
+        """Collective. A rollout failure on rank 0 reaches every rank (none is left waiting for
+        samples that never come); the batch is sampled once more if ``recover()`` (collective)
+        brought the engine back, else :class:`RolloutError` is raised everywhere."""
+        try:
+            return self._sample_once(items, params)
+        except RolloutError:
+            if not self.recover():
+                raise
+        return self._sample_once(items, params)
+
+    def _sample_once(
+        self, items: list[BatchItem], params: SamplingParams
+    ) -> tuple[ScoredGroups, dict[str, float]]:
+        result: object = None
         if dist.get_rank() == 0:
-            result = self._sample_here(items, params)
-        return from_rank0(result)
+            try:
+                result = self._sample_here(items, params)
+            except RolloutError as error:
+                result = error
+        result = from_rank0(result)
+        if isinstance(result, RolloutError):
+            raise RolloutError(str(result))
+        return result
 
     def _sample_here(
         self, items: list[BatchItem], params: SamplingParams

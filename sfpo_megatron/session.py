@@ -5,12 +5,11 @@ checkpoints; and what happens between iterations (sync, evaluation, saving, resu
 from __future__ import annotations
 
 import json
-import socket
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from sfpo_megatron.actor import Actor
@@ -34,16 +33,11 @@ from sfpo_megatron.metrics import MetricsLog
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.reference import ReferencePolicy
 from sfpo_megatron.rewards import RewardComputer, load_reward_fn
+from sfpo_megatron.rollout.backends import build_backend
 from sfpo_megatron.rollout.base import SamplingParams
-from sfpo_megatron.rollout.embedded import EmbeddedEngine
-from sfpo_megatron.rollout.server_pool import ServerPool
-from sfpo_megatron.rollout.sglang_client import SGLangClient
+from sfpo_megatron.rollout.sglang_client import RolloutError
 from sfpo_megatron.rollouts import RolloutScorer
-from sfpo_megatron.sync.distributed import DistributedSync
-from sfpo_megatron.sync.in_process import sync_in_process
 from sfpo_megatron.warm_start import warm_start
-
-_ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Session:
@@ -78,21 +72,16 @@ class Session:
         # warm start or resume, so a resumed run rebuilds the same one.
         self.reference = ReferencePolicy(self.actor) if cfg.algorithm.kl_coef > 0 else None
         self.update = build_update(cfg.algorithm, self.actor)
-        self.engine, self.distributed_sync = None, None
+        self.rollout = build_backend(cfg, arch, self.actor.device)
+        self._resources.callback(self.rollout.close)
         rewards = None
-        if cfg.rollout.engine == "servers":
-            self._connect_servers()
-        elif self.rank0:
-            self.engine = EmbeddedEngine(
-                hf_directory(cfg.model.hf_config),
-                self.actor.device,
-                _ENGINE_DTYPES[cfg.model.dtype],
-            )
         if self.rank0:
             rewards = self._resources.enter_context(
                 RewardComputer(cfg.reward.fn, cfg.reward.workers, cfg.reward.timeout_s)
             )
-        self.scorer = RolloutScorer(self.engine, self._decode if self.rank0 else None, rewards)
+        self.scorer = RolloutScorer(
+            self.rollout.engine, self._decode if self.rank0 else None, rewards, self._recover
+        )
         self.checkpoints = (
             CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.async_save)
             if cfg.checkpoint.dir
@@ -100,24 +89,6 @@ class Session:
         )
         self.iteration = 0
         self.best: dict[str, float] | None = None
-
-    def _connect_servers(self) -> None:
-        """Disaggregated rollout: every rank knows the servers (stage leaders send weights);
-        rank 0 samples from them once they answer."""
-        r = self.cfg.rollout
-        clients = [SGLangClient(url, r.request_timeout_s) for url in r.server_urls]
-        if self.rank0:
-            self.engine = ServerPool(clients)
-            self.engine.wait_healthy(self.cfg.parallel.timeout_s)
-        self.distributed_sync = DistributedSync(
-            clients,
-            r.sync_address or socket.gethostname(),
-            r.sync_port,
-            "nccl" if torch.cuda.is_available() else "gloo",
-            r.server_tp,
-            timeout_s=self.cfg.parallel.timeout_s,
-        )
-        self.distributed_sync.connect()
 
     def _prompt_set(self, role: str, files: list[str], encode: Encoder) -> PromptSet:
         d = self.cfg.data
@@ -230,10 +201,32 @@ class Session:
 
     def sync(self, version: int) -> None:
         """Push the actor's weights into the engine (collective)."""
-        if self.distributed_sync is not None:
-            self.distributed_sync.push(self.actor.chunks, self.arch, version)
-        else:
-            sync_in_process(self.actor.chunks, self.arch, self.engine, version)
+        self._retried(lambda: self.rollout.sync(self.actor.chunks, version))
+
+    def release_rollout_memory(self) -> None:
+        """Before training: the engine's accelerator memory goes to the actor (collective)."""
+        self._retried(self.rollout.release)
+
+    def _retried(self, action: Callable[[], None]) -> None:
+        """``action``, once more after a rollout failure if a dead server was restarted."""
+        try:
+            action()
+        except RolloutError:
+            if not self.rollout.recover():
+                raise
+            if self.rank0:
+                print("a rollout server died and was restarted", flush=True)
+            action()
+
+    def _recover(self) -> bool:
+        """After a failed batch (collective): restart dead servers and give them the current
+        weights; True when the batch may be sampled again."""
+        if not self.rollout.recover():
+            return False
+        if self.rank0:
+            print(f"a rollout server died and was restarted with weight version {self.iteration}")
+        self.sync(version=self.iteration)
+        return True
 
     def after_iteration(self, iteration: int) -> dict[str, float]:
         """Evaluation and checkpoint due after ``iteration``; returns their metrics."""

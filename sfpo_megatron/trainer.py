@@ -54,6 +54,7 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
     """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
     cfg = s.cfg
     scored, metrics = collect_groups(s, iteration)
+    s.release_rollout_memory()
     batch, rollout_logprobs = policy_batch(scored)
     clock = time.perf_counter()
     old_logprobs, _ = s.actor.forward_logprobs(batch)

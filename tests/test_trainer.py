@@ -183,3 +183,56 @@ def test_rollouts_from_a_server_process_under_tp2(tmp_path):
     metrics = stable_metrics(tmp_path)
     assert [metrics[i]["weight_version"] for i in (1, 2)] == [1, 2]
     assert all(metrics[i]["rollout_logprob_gap"] < 1e-4 for i in (1, 2))
+
+
+KILLER = '''
+import os
+from pathlib import Path
+
+import psutil
+
+
+def exact_match_killing_the_server_once(response, answer, source):
+    """Exact match; its 9th call (iteration 2) kills the rollout server this process runs."""
+    mark = Path(os.environ["KILL_MARK"])
+    count = int(mark.read_text()) if mark.exists() else 0
+    mark.write_text(str(count + 1))
+    if count == 8:
+        for child in psutil.Process().children(recursive=True):
+            if "sfpo_megatron.rollout.http_server" in " ".join(child.cmdline()):
+                child.kill()
+    return float(response.strip() == answer)
+'''
+
+
+def test_colocated_server_that_dies_is_restarted_and_resynced(tmp_path, monkeypatch):
+    """Colocated rollout under TP2 (one engine over both ranks' devices, weights through
+    shared-memory handles, memory released while training): the server is killed in
+    iteration 2; it is restarted, gets the current weights, and the run completes with
+    rollouts that match the actor's weights every iteration."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    monkeypatch.setenv("KILL_MARK", str(tmp_path / "mark"))
+    result = train(
+        tmp_path,
+        **{
+            "parallel.tensor": 2,
+            "train.iterations": 3,
+            "train.prompts_per_step": 2,
+            "train.mini_batch_prompts": 1,
+            "train.micro_batch_size": 2,
+            "train.dynamic_sampling": "false",
+            "checkpoint.dir": "null",
+            "checkpoint.interval": 0,
+            "eval.interval": 0,
+            "reward.fn": f"{tmp_path / 'killer.py'}:exact_match_killing_the_server_once",
+            "rollout.engine": "colocated",
+            "rollout.server": "embedded",
+            "rollout.server_tp": 2,
+            "rollout.sync_address": "127.0.0.1",
+        },
+    )
+    assert "a rollout server died and was restarted" in result.stdout
+    metrics = stable_metrics(tmp_path)
+    assert [metrics[i]["weight_version"] for i in (1, 2, 3)] == [1, 2, 3]
+    assert all(metrics[i]["rollout_logprob_gap"] < 1e-4 for i in (1, 2, 3))
+    assert int((tmp_path / "mark").read_text()) == 24  # 3 iterations x 2 prompts x 4 samples

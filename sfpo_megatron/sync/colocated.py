@@ -40,7 +40,7 @@ from sfpo_megatron.rollout.sglang_client import (
     RolloutError,
     SGLangClient,
 )
-from sfpo_megatron.sync.distributed import update_session, with_last
+from sfpo_megatron.sync.distributed import on_lead, update_session, with_last
 from sfpo_megatron.sync.flat_bucket import FlatBucket, flatten, layout, total_bytes, unflatten
 
 _DEVICE_ARG = list(inspect.signature(reductions.rebuild_cuda_tensor).parameters).index(
@@ -236,11 +236,8 @@ class ColocatedSync:
             self.released = False
 
     def _on_engines(self, call: Callable[[SGLangClient], object]) -> None:
-        """Global rank 0 makes ``call`` on every engine; the others wait for it."""
-        if dist.get_rank() == 0:
-            for client in self.clients:
-                call(client)
-        dist.barrier()
+        """Global rank 0 makes ``call`` on every engine; a failure raises on every rank."""
+        on_lead(lambda: [call(client) for client in self.clients])
 
     def _next_bucket(
         self, stream: Iterator | None, stage: int, stages: int

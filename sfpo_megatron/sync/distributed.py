@@ -9,7 +9,7 @@ bucket only); end, continue; the version is read back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
@@ -37,29 +37,46 @@ def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
         yield previous, True
 
 
+def on_lead(calls: Callable[[], object]) -> None:
+    """Collective: global rank 0 makes the control ``calls``; if they fail, every rank raises
+    :class:`RolloutError` (no rank is left waiting at a barrier for a dead server)."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            calls()
+        except RolloutError as failure:
+            error = str(failure)
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RolloutError(outcome[0])
+
+
 @contextmanager
 def update_session(clients: list[SGLangClient], version: int) -> Iterator[None]:
     """Collective over all ranks around one weight update: global rank 0 pauses generation,
     flushes the cache once and opens the update session on every server; the body sends the
     buckets; then rank 0 closes the session, resumes generation and checks that each server
     reports ``version``."""
-    lead = dist.get_rank() == 0
-    if lead:
+
+    def begin() -> None:
         for client in clients:
             client.pause_generation()
             client.flush_cache()
             client.begin_weight_update()
-    dist.barrier()
-    yield
-    dist.barrier()
-    if lead:
+
+    def end() -> None:
         for client in clients:
             client.end_weight_update()
             client.continue_generation()
             served = client.weight_version()
             if served != str(version):
                 raise RolloutError(f"{client.url} serves weight version {served}, pushed {version}")
+
+    on_lead(begin)
+    yield
     dist.barrier()
+    on_lead(end)
 
 
 class DistributedSync:
