@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from sfpo_megatron.config import Config
 from sfpo_megatron.models.arch import ModelArch, hf_directory
+from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
 from sfpo_megatron.rollout.server_pool import ServerPool
@@ -26,15 +27,13 @@ from sfpo_megatron.sync.colocated import ColocatedSync
 from sfpo_megatron.sync.distributed import DistributedSync
 from sfpo_megatron.sync.in_process import sync_in_process
 
-_ENGINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class EmbeddedBackend:
     def __init__(self, cfg: Config, arch: ModelArch, device: torch.device) -> None:
         self.arch, self.engine = arch, None
         if dist.get_rank() == 0:
             self.engine = EmbeddedEngine(
-                hf_directory(cfg.model.hf_config), device, _ENGINE_DTYPES[cfg.model.dtype]
+                hf_directory(cfg.model.hf_config), device, DTYPES[cfg.model.dtype]
             )
 
     def sync(self, chunks: list, version: int) -> None:
