@@ -1,5 +1,6 @@
-"""Generation speed of the embedded rollout engine (transformers model, own KV-cache decode loop)
-on a random Qwen2 model of a preset shape (see bench_actor.py for the shape flags).
+"""Generation speed of the embedded rollout engine (static KV cache; each decode step a CUDA
+graph on GPU unless --no-cuda-graphs) on a random Qwen2 model of a preset shape (see
+bench_actor.py for the shape flags).
 
 Weights arrive through ``update_weights`` from random tensors of the engine's own parameter
 shapes. Every row decodes exactly --new-tokens tokens (no stop tokens, temperature 1). After a
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (one prefill step and at least one decode step)")
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def random_buckets(engine: EmbeddedEngine) -> Iterator[Bucket]:
     """One bucket per engine parameter: norms near 1, the rest N(0, 0.02), made one at a time
     so the stream never holds a second copy of the model."""
-    for name, param in engine.model.named_parameters():
+    for name, param in engine.weights.views.items():
         tensor = torch.randn(param.shape, device=param.device, dtype=param.dtype) * 0.02
         yield [(name, tensor + 1 if "norm" in name else tensor)]
 
@@ -79,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     positions = args.prompt_len + args.new_tokens
     directory = write_hf_config(shape, Path(tempfile.mkdtemp()), positions)
-    engine = EmbeddedEngine(directory, device=device, dtype=DTYPES[dtype])
+    engine = EmbeddedEngine(
+        directory, device=device, dtype=DTYPES[dtype], cuda_graphs=args.cuda_graphs
+    )
     engine.update_weights(random_buckets(engine), version=1)
-    params = sum(p.numel() for p in engine.model.parameters())
+    params = sum(p.numel() for p in engine.weights.views.values())
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, shape.vocab, (args.batch, args.prompt_len), generator=g).tolist()
 
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"device: {device_name()}, torch {torch.__version__}")
     print(f"model: preset {args.preset} {shape}, {params / 1e6:.1f} M params, dtype {dtype}")
+    print(f"decode steps: {'CUDA graphs' if engine.decoder.cuda_graphs else 'eager'}")
     print(
         f"seconds: median of {args.repeats} after 1 warm-up; tokens/s = batch x new tokens / "
         "seconds; ms/decode step = (seconds - prefill s) / (new tokens - 1)"

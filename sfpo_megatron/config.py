@@ -129,9 +129,10 @@ class RolloutConfig:
     top_k: int = -1
     max_response_length: int = 2560
     engine: Literal["embedded", "servers", "colocated"] = "embedded"
-    """Where rollouts run: ``embedded`` = a transformers copy of the policy in rank 0's
-    process, fed by the export stream after every update; ``servers`` = SGLang servers (or
-    ``python -m sfpo_megatron.rollout.http_server``) at ``server_urls``, fed over a broadcast
+    """Where rollouts run: ``embedded`` = the policy in rank 0's process
+    (:mod:`sfpo_megatron.rollout.embedded`), fed by the export stream after every update;
+    ``servers`` = SGLang servers (or ``python -m sfpo_megatron.rollout.http_server``) at
+    ``server_urls``, fed over a broadcast
     group per server and pipeline stage (NCCL on GPU, gloo on CPU); ``colocated`` = one server
     per ``server_tp`` trainer ranks, launched by the trainer on those ranks' devices, fed
     through CUDA-IPC handles (shared memory on CPU), its memory released while training."""
@@ -150,6 +151,11 @@ class RolloutConfig:
     """Address servers reach this node's trainer ranks at; None = this host's name."""
     request_timeout_s: float = 600.0
     """Per generation request; a timed-out or failed request is retried, then the batch fails."""
+    kv_cache_gb: float = 16.0
+    """Embedded engine (and its server): KV cache memory; the rows of a batch that do not fit
+    together are decoded in successive groups."""
+    cuda_graphs: bool = True
+    """Embedded engine on CUDA: replay each decode step as a captured CUDA graph."""
 
 
 @dataclass
@@ -492,6 +498,7 @@ def validate(cfg: Config) -> None:
     _require(
         r.request_timeout_s > 0, f"rollout.request_timeout_s={r.request_timeout_s} must be > 0"
     )
+    _require(r.kv_cache_gb > 0, f"rollout.kv_cache_gb={r.kv_cache_gb} must be > 0")
     _require(cfg.reward.workers >= 0, f"reward.workers={cfg.reward.workers} must be >= 0")
     _require(cfg.reward.timeout_s > 0, f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
     e = cfg.eval

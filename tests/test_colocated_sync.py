@@ -149,7 +149,7 @@ def engine(tmp_path_factory):
 
 def test_server_checks_entries_and_loads_the_first(engine, tmp_path):
     server = EngineServer(engine, "m", tp_size=2)
-    params = dict(engine.model.named_parameters())
+    params = engine.weights.views
     torch.manual_seed(1)
     weights = [(name, torch.randn_like(p)) for name, p in params.items()]
     halves = [flatten(weights[: len(weights) // 2]), flatten(weights[len(weights) // 2 :])]

@@ -15,7 +15,18 @@ from sfpo_megatron.rollout.embedded import EmbeddedEngine, sample_token
 
 from conftest import save_random_hf_model
 
-FAMILIES = {"qwen2": ("qwen2", {}), "qwen3_tied": ("qwen3", {})}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+FAMILIES = {
+    "qwen2": ("qwen2", {}),
+    "qwen3_tied": ("qwen3", {}),
+    "llama_gqa4_rope_scaled": ("llama", {"rope_scaling": LLAMA3_SCALING}),
+}
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12], [42], [7, 7, 7, 7, 7]]
 
 
@@ -50,11 +61,13 @@ def reference_logprobs(model, sample: Sample, temperature: float) -> torch.Tenso
 def test_weights_come_from_the_stream(setup):
     model, engine, _ = setup
     assert engine.weight_version() == 5 and engine.health()
-    got = engine.model.state_dict()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(got[name], tensor), name
-    if model.config.tie_word_embeddings:
-        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    tied = model.config.tie_word_embeddings
+    expected = {n: t for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+    assert engine.weights.views.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(engine.weights.views[name], tensor), name
+    if tied:
+        assert engine.weights.lm_head is engine.weights.fused("model.embed_tokens.weight")
 
 
 def test_update_errors_name_the_tensor(tmp_path):
@@ -105,13 +118,49 @@ def test_logprobs_match_full_forward(setup, temperature):
         assert len(group) > 1, "the n samples of a prompt are independent rows"
 
 
+def test_row_groups_give_the_same_greedy_samples(setup):
+    """A KV budget of a few rows decodes the batch in several groups (the last one smaller,
+    so the cache is rebuilt between groups): the same tokens and log-probs."""
+    model, engine, directory = setup
+    params = SamplingParams(n=3, top_k=1, max_new_tokens=7)
+    whole = engine.generate(PROMPTS, params)
+    width = max(map(len, PROMPTS)) + params.max_new_tokens
+    row_gb = width * engine._kv_bytes_per_position / 2**30
+    small = EmbeddedEngine(directory, kv_cache_gb=5 * row_gb)
+    small.update_weights(export_buckets(model), version=5)
+    assert small._rows_per_group(width) == 5
+    grouped = small.generate(PROMPTS, params)
+    assert [s.output_ids for s in grouped] == [s.output_ids for s in whole]
+    for got, expected in zip(grouped, whole, strict=True):
+        got, expected = torch.tensor(got.output_logprobs), torch.tensor(expected.output_logprobs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_decode_across_spans_then_reuse_a_longer_cache(setup):
+    """Prompts near and beyond the attention span (SPAN positions) decode exactly; a later,
+    shorter batch reuses the longer cache, whose stale positions must stay masked."""
+    model, engine, _ = setup
+    generator = torch.Generator().manual_seed(5)
+    long_prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (120, 140)]
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=24, seed=9)
+    for prompts in (long_prompts, PROMPTS[:2]):
+        samples = engine.generate(prompts, params)
+        for sample in samples:
+            ref = reference_logprobs(model, sample, 0.8)
+            got = torch.tensor(sample.output_logprobs)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_prompts_are_refused(setup):
     _, engine, _ = setup
     params = SamplingParams(max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[1], []], params)
-    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 300\): \[300\]"):
-        engine.generate([[1, 300]], params)
+    vocab = engine.vocab_size
+    with pytest.raises(
+        ValueError, match=rf"prompt 0 has token ids outside \[0, {vocab}\): \[{vocab}\]"
+    ):
+        engine.generate([[1, vocab]], params)
 
 
 def test_logprobs_exact_in_float64(setup):
@@ -183,6 +232,41 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
         assert drawn == support, top_p
 
 
+def test_released_weights_come_back_through_the_same_views(setup):
+    """What release_memory does on CUDA, on the CPU: the storage is freed and given back under
+    the same views (so captured graphs and the export stream's targets stay valid)."""
+    from sfpo_megatron.rollout.decoder import EngineWeights
+
+    model, engine, _ = setup
+    weights = EngineWeights(engine.arch, torch.device("cpu"), torch.float32)
+    for name, view in weights.views.items():
+        view.copy_(engine.weights.views[name])
+    norm = weights.views["model.norm.weight"]
+    weights.release()
+    assert weights.released and norm.untyped_storage().nbytes() == 0
+    weights.resume()
+    assert not weights.released and weights.views["model.norm.weight"] is norm
+    for name, view in weights.views.items():
+        assert torch.equal(view, engine.weights.views[name]), name
+    weights.release()
+    weights.resume(restore=False)
+    assert norm.untyped_storage().nbytes() > 0 and norm.shape == model.model.norm.weight.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_eager_step(setup):
+    model, _, directory = setup
+    engines = [EmbeddedEngine(directory, device="cuda", cuda_graphs=g) for g in (True, False)]
+    for engine in engines:
+        engine.update_weights(export_buckets(model), version=1)
+    params = SamplingParams(n=2, top_k=1, max_new_tokens=150)
+    graphed, eager = (engine.generate(PROMPTS, params) for engine in engines)
+    assert engines[0].decoder._cache.graphs, "no graph was captured"
+    assert [s.output_ids for s in graphed] == [s.output_ids for s in eager]
+    for got, expected in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(got.output_logprobs, expected.output_logprobs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_release_and_resume_on_cuda(setup):
     model, _, directory = setup
@@ -197,8 +281,9 @@ def test_release_and_resume_on_cuda(setup):
         engine.generate(PROMPTS, params)
     engine.resume_memory()
     assert engine.generate(PROMPTS, params) == before
-    if model.config.tie_word_embeddings:
-        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    engine.release_memory()  # as a run does: the next weights arrive while released
+    engine.update_weights(export_buckets(model), version=1)
+    assert engine.generate(PROMPTS, params) == before
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 one small interface the session uses: ``engine`` (rank 0's sampler), ``sync``, ``release``
 (before training), ``recover`` (after a failed batch) and ``close``.
 
-- embedded: a transformers copy in global rank 0's process, synced in process;
+- embedded: the embedded engine in global rank 0's process, synced in process;
 - servers: SGLang servers started elsewhere (disaggregated), synced by broadcast groups;
 - colocated: one server per ``server_tp`` trainer ranks, launched here on those ranks'
   devices, synced through IPC handles, its memory released while the trainer trains.
@@ -33,7 +33,11 @@ class EmbeddedBackend:
         self.arch, self.engine = arch, None
         if dist.get_rank() == 0:
             self.engine = EmbeddedEngine(
-                hf_directory(cfg.model.hf_config), device, DTYPES[cfg.model.dtype]
+                hf_directory(cfg.model.hf_config),
+                device,
+                DTYPES[cfg.model.dtype],
+                kv_cache_gb=cfg.rollout.kv_cache_gb,
+                cuda_graphs=cfg.rollout.cuda_graphs,
             )
 
     def sync(self, chunks: list, version: int) -> None:
@@ -143,7 +147,11 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
         command = sglang_command(model, port, r.server_tp, host, memory_saver=True)
     else:
         device = "cuda" if gpus else "cpu"
-        command = [*embedded_command(model, port, host, device), "--tp-size", str(r.server_tp)]
+        command = [
+            *embedded_command(model, port, host, device),
+            *("--tp-size", str(r.server_tp), "--kv-cache-gb", str(r.kv_cache_gb)),
+            "--cuda-graphs" if r.cuda_graphs else "--no-cuda-graphs",
+        ]
     log = Path(cfg.logging.output_dir) / f"rollout_server{engine}.log"
     server = ServerProcess(command, f"http://{host}:{port}", log, cfg.parallel.timeout_s, gpus)
     server.start()

@@ -1,6 +1,6 @@
-"""The default rollout engine: a transformers model in this process, fed by the export stream,
-sampling with its own KV-cache decode loop, so one machine needs no inference server and the
-log-probs it reports are exactly the actor's (log_softmax(logits / temperature), fp32)."""
+"""The default rollout engine: the policy in this process (:mod:`~sfpo_megatron.rollout.decoder`),
+fed by the export stream, so one machine needs no inference server and the log-probs it
+reports are the actor's quantity (log_softmax(logits / temperature), fp32)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,25 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.initialization import no_init_weights
 
+from sfpo_megatron.config import RolloutConfig
+from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.rollout.base import NO_WEIGHTS, Bucket, Sample, SamplingParams
+from sfpo_megatron.rollout.decoder import EngineWeights, StaticDecoder
+
+STOP_CHECK_STEPS = 16
+"""Decode steps between checks whether every row has stopped (each check waits for the device)."""
 
 
 class EmbeddedEngine:
-    """A :class:`~sfpo_megatron.rollout.base.RolloutEngine` on a transformers causal LM built
-    from ``hf_dir``'s config.json. No checkpoint is read: weights arrive only through
-    :meth:`update_weights` (the export stream), so construction allocates without initialising.
+    """A :class:`~sfpo_megatron.rollout.base.RolloutEngine` for the model of ``hf_dir``'s
+    config.json. No checkpoint is read: weights arrive only through :meth:`update_weights`
+    (the export stream), so construction allocates without initialising.
 
-    ``release_memory`` / ``resume_memory`` move the weights to the host and back on CUDA; on
-    other devices they do nothing. The KV cache lives only inside one ``generate`` call.
+    Rows are decoded together, in groups whose KV cache fits ``kv_cache_gb``; on CUDA each
+    decode step is a replayed CUDA graph unless ``cuda_graphs`` is false.
+    ``release_memory`` / ``resume_memory`` move the weights to the host and back on CUDA and
+    free the KV cache; on other devices they do nothing.
     """
 
     def __init__(
@@ -28,38 +34,38 @@ class EmbeddedEngine:
         hf_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        kv_cache_gb: float = RolloutConfig.kv_cache_gb,
+        cuda_graphs: bool = RolloutConfig.cuda_graphs,
     ) -> None:
         self.device = torch.device(device)
-        config = AutoConfig.from_pretrained(hf_dir)
-        with torch.device(self.device), no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        # Tying happens in the weight init that no_init_weights skips: restore it by hand.
-        model.tie_weights()
-        self.model = model.eval().requires_grad_(False)
-        self._params = dict(model.named_parameters())
-        self._aliases = {
-            name: next(n for n, p in self._params.items() if p is param)
-            for name, param in model.named_parameters(remove_duplicate=False)
-            if name not in self._params
-        }
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.arch = read_hf_config(hf_dir)
+        self.weights = EngineWeights(self.arch, self.device, dtype)
+        self.decoder = StaticDecoder(self.arch, self.weights, cuda_graphs)
+        self.vocab_size = self.arch.vocab_size
+        a = self.arch
+        self._kv_bytes_per_position = 2 * a.num_layers * a.num_query_groups * a.head_dim
+        self._kv_bytes_per_position *= dtype.itemsize
+        self._kv_cache_bytes = kv_cache_gb * 2**30
         self._version = NO_WEIGHTS
-        self._released = False
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         """Copy every parameter from ``buckets``, each exactly once, then take ``version``.
-        Until it succeeds the engine refuses to sample (a failure leaves weights half-new)."""
+        Until it succeeds the engine refuses to sample (a failure leaves weights half-new).
+        Released memory is taken back first (without restoring what every tensor replaces)."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"weight version must be an int >= 0, got {version!r}")
         self._version = NO_WEIGHTS
+        if self.weights.released:
+            self.weights.resume(restore=False)
         seen: set[str] = set()
         with torch.no_grad():
             for bucket in buckets:
                 self._check_bucket(bucket, seen)
                 for name, tensor in bucket:
-                    self._params[name].copy_(tensor)
+                    self.weights.views[name].copy_(tensor)
                     seen.add(name)
-        missing = sorted(self._params.keys() - seen)
+        missing = sorted(self.weights.views.keys() - seen)
         if missing:
             raise ValueError(f"update_weights: tensors missing from the stream: {missing}")
         self._version = version
@@ -67,16 +73,18 @@ class EmbeddedEngine:
     def _check_bucket(self, bucket: Bucket, seen: set[str]) -> None:
         """Refuse a bucket with unknown, repeated or misshaped tensors before copying any."""
         names = [name for name, _ in bucket]
-        unknown = [n for n in names if n not in self._params]
+        views = self.weights.views
+        unknown = [n for n in names if n not in views]
         if unknown:
-            tied = [f"{n} is tied to {self._aliases[n]}" for n in unknown if n in self._aliases]
-            hint = f" ({'; '.join(tied)}: send only the latter)" if tied else ""
+            tied = self.arch.tie_word_embeddings and "lm_head.weight" in unknown
+            hint = " (lm_head.weight is tied to model.embed_tokens.weight: send only the latter)"
+            hint = hint if tied else ""
             raise ValueError(f"update_weights: unknown tensors {unknown}{hint}")
         repeated = sorted({n for n in names if n in seen or names.count(n) > 1})
         if repeated:
             raise ValueError(f"update_weights: tensors sent more than once: {repeated}")
         for name, tensor in bucket:
-            expected = tuple(self._params[name].shape)
+            expected = tuple(views[name].shape)
             if tuple(tensor.shape) != expected:
                 raise ValueError(
                     f"update_weights: {name} has shape {tuple(tensor.shape)}, "
@@ -90,25 +98,23 @@ class EmbeddedEngine:
         return self._version != NO_WEIGHTS
 
     def release_memory(self) -> None:
-        """Move the weights to the host and return the cached blocks to CUDA (no-op elsewhere)."""
-        if self.device.type != "cuda" or self._released:
+        """Free the KV cache and move the weights to the host (CUDA only: no-op elsewhere)."""
+        if self.device.type != "cuda" or self.weights.released:
             return
-        self.model.to("cpu")
+        self.decoder.drop_cache()
+        self.weights.release()
         torch.cuda.empty_cache()
-        self._released = True
 
     def resume_memory(self) -> None:
-        if not self._released:
-            return
-        self.model.to(self.device)
-        self._released = False
+        if self.weights.released:
+            self.weights.resume()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         """``params.n`` independent samples per prompt, prompt-major; all rows of all prompts
         are decoded as one left-padded batch (a seed reproduces samples for the same batch)."""
         if not self.health():
             raise RuntimeError("generate: no weights loaded yet; call update_weights first")
-        if self._released:
+        if self.weights.released:
             raise RuntimeError("generate: memory is released; call resume_memory first")
         for index, prompt in enumerate(prompts):
             if not prompt:
@@ -119,73 +125,64 @@ class EmbeddedEngine:
                     f"generate: prompt {index} has token ids outside [0, {self.vocab_size}): "
                     f"{bad[:5]}"
                 )
-        rows = [index for index in range(len(prompts)) for _ in range(params.n)]
+        rows = [prompts[index] for index in range(len(prompts)) for _ in range(params.n)]
         if not rows:
             return []
         version = self._version
-        tokens, logprobs, lengths, stopped = self._decode([prompts[i] for i in rows], params)
-        return [
-            Sample(
-                prompt_index=index,
-                prompt_ids=list(prompts[index]),
-                output_ids=tokens[row][: lengths[row]],
-                output_logprobs=logprobs[row][: lengths[row]],
-                finish_reason="stop" if stopped[row] else "length",
-                weight_version=version,
-            )
-            for row, index in enumerate(rows)
-        ]
-
-    @torch.inference_mode()
-    def _decode(
-        self, prompts: list[list[int]], params: SamplingParams
-    ) -> tuple[list[list[int]], list[list[float]], list[int], list[bool]]:
-        """Prefill the left-padded batch, then one token per step for every row until all
-        rows stopped or reached ``max_new_tokens``. Returns per-row tokens, log-probs (both
-        ``max_new_tokens`` long), the valid length and whether a stop token ended it."""
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        tokens, mask = tokens.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
         generator = torch.Generator(device=self.device)
         if params.seed is None:
             generator.seed()
         else:
             generator.manual_seed(params.seed)
+        samples = []
+        group = self._rows_per_group(max(map(len, prompts)) + params.max_new_tokens)
+        for begin in range(0, len(rows), group):
+            decoded = self._decode(rows[begin : begin + group], params, generator)
+            for offset, (tokens, logprobs, stopped) in enumerate(zip(*decoded, strict=True)):
+                samples.append(
+                    Sample(
+                        prompt_index=(begin + offset) // params.n,
+                        prompt_ids=list(rows[begin + offset]),
+                        output_ids=tokens,
+                        output_logprobs=logprobs,
+                        finish_reason="stop" if stopped else "length",
+                        weight_version=version,
+                    )
+                )
+        return samples
+
+    def _rows_per_group(self, positions: int) -> int:
+        """Rows whose KV cache of ``positions`` positions fits the budget (at least one)."""
+        return max(1, int(self._kv_cache_bytes // (positions * self._kv_bytes_per_position)))
+
+    @torch.no_grad()
+    def _decode(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+        """Prefill, then one token per step for every row until all rows stopped or reached
+        ``max_new_tokens``. Returns per-row tokens and log-probs (cut after a stop token) and
+        whether a stop token ended the row."""
+        batch, steps = len(prompts), params.max_new_tokens
         stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
-        steps = params.max_new_tokens
         out_tokens = torch.zeros(batch, steps, dtype=torch.long, device=self.device)
         out_logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=self.device)
         lengths = torch.full((batch,), steps, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
 
-        cache, inputs = None, tokens
+        logits = self.decoder.prefill(prompts, steps)
         for step in range(steps):
-            out = self.model(
-                input_ids=inputs,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.past_key_values
-            token, logprob = sample_token(out.logits[:, -1], params, generator)
+            token, logprob = sample_token(logits, params, generator)
             out_tokens[:, step], out_logprobs[:, step] = token, logprob
             stopped_now = ~done & torch.isin(token, stops)
-            lengths[stopped_now] = step + 1
+            lengths.masked_fill_(stopped_now, step + 1)
             done |= stopped_now
-            if step + 1 == steps or bool(done.all()):
+            if step + 1 == steps or ((step + 1) % STOP_CHECK_STEPS == 0 and bool(done.all())):
                 break
-            inputs = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-        return out_tokens.tolist(), out_logprobs.tolist(), lengths.tolist(), done.tolist()
+            logits = self.decoder.step(token)
+        lengths, stopped = lengths.tolist(), done.tolist()
+        tokens = [row[:n] for row, n in zip(out_tokens.tolist(), lengths, strict=True)]
+        logprobs = [row[:n] for row, n in zip(out_logprobs.tolist(), lengths, strict=True)]
+        return tokens, logprobs, stopped
 
 
 def sample_token(

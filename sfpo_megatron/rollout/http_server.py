@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.config import RolloutConfig
 from sfpo_megatron.rollout.base import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SAMPLING_FIELDS, WEIGHTS_TAG
@@ -174,7 +175,8 @@ class EngineServer:
             self.engine.resume_memory()
 
     def flush_cache(self, body: dict) -> str:
-        return "Cache flushed."  # the KV cache lives inside one generate call
+        self.engine.decoder.drop_cache()  # its contents never outlive a generate call
+        return "Cache flushed."
 
     def model_info(self, body: dict) -> dict:
         return {
@@ -185,7 +187,7 @@ class EngineServer:
         }
 
     def get_weights_by_name(self, body: dict) -> list:
-        weight = dict(self.engine.model.named_parameters())[body["name"]]
+        weight = self.engine.weights.views[body["name"]]
         return weight.detach().reshape(-1)[: body.get("truncate_size", 100)].tolist()
 
     def health(self, body: dict) -> str:
@@ -291,12 +293,11 @@ def load_checkpoint_weights(engine: EmbeddedEngine, hf_dir: str | Path) -> None:
     """Give the engine the directory's own safetensors (a server started without a trainer)."""
     from safetensors.torch import load_file
 
-    params = dict(engine.model.named_parameters())
     tensors = [
         (name, tensor)
         for path in sorted(Path(hf_dir).glob("*.safetensors"))
         for name, tensor in load_file(str(path)).items()
-        if name in params
+        if name in engine.weights.views
     ]
     engine.update_weights([tensors], 0)
 
@@ -316,8 +317,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="start from the directory's safetensors (else wait for a sync)",
     )
+    parser.add_argument("--kv-cache-gb", type=float, default=RolloutConfig.kv_cache_gb)
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=RolloutConfig.cuda_graphs
+    )
     args = parser.parse_args(argv)
-    engine = EmbeddedEngine(args.hf_dir, args.device, getattr(torch, args.dtype))
+    engine = EmbeddedEngine(
+        args.hf_dir,
+        args.device,
+        getattr(torch, args.dtype),
+        kv_cache_gb=args.kv_cache_gb,
+        cuda_graphs=args.cuda_graphs,
+    )
     if args.load_weights:
         load_checkpoint_weights(engine, args.hf_dir)
     httpd = ThreadingHTTPServer(
