@@ -11,7 +11,9 @@ N_matmul = parameters excluding the input embedding table, plus the (padded) out
 V x hidden even when it is tied. The second term is the causal half of the 12 * L * S^2 * d_attn
 forward+backward FLOPs of the Q.K^T and P.V products (recompute, the loss and the optimizer are
 not counted). The peak column is a large torch.matmul timed in the same run in the model's dtype
-(8192^3 on CUDA, 1024^3 on CPU); % peak = model TFLOP/s / peak TFLOP/s.
+(8192^3 on CUDA, 1024^3 on CPU); % peak = model TFLOP/s / peak TFLOP/s. Peak memory is
+torch.cuda.max_memory_allocated over the timed steps; plan GiB is ``sfpo-megatron plan``'s total
+for the same config (GRPO: no SFPO snapshot), plan error = (plan - measured) / measured.
 
     python benchmarks/bench_actor.py --preset 0.5b --seq-length 1024 4096 --micro-batch-size 2
     python benchmarks/bench_actor.py --preset tiny --seq-length 64 --steps 2       # CPU smoke
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     from sfpo_megatron.config import load_config
     from sfpo_megatron.distributed import shutdown
     from sfpo_megatron.models.spec import have_transformer_engine
+    from sfpo_megatron.plan import plan_memory
     from sfpo_megatron.trainer import start
 
     args = parse_args(argv)
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             "model.load_weights=false",
             f"model.dtype={dtype}",
             f"model.attention={args.attention}",
+            "algorithm.name=grpo",
             "train.prompts_per_step=1",
             "train.mini_batch_prompts=1",
             f"train.samples_per_prompt={rows}",
@@ -217,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         "| seq | tokens/step | s/step | tokens/s | model TFLOP/s | peak TFLOP/s | % peak "
-        "| peak mem GiB |"
+        "| peak mem GiB | plan GiB | plan error |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seq in args.seq_length:
         batch = random_batch(rows, seq, shape.vocab)
         batch = replace(batch, old_logprobs=actor.forward_logprobs(batch)[0])
@@ -238,10 +242,16 @@ def main(argv: list[str] | None = None) -> None:
             + 6 * arch.num_layers * seq**2 * (arch.num_attention_heads * arch.head_dim) * rows
         )
         tflops = flops / seconds / 1e12
-        memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "-"
+        planned = plan_memory(cfg, arch, 1, seq_length=seq, flash_attention=spec != "local")
+        planned_gib = planned.worst_rank.total / 2**30
+        memory, error = "-", "-"
+        if cuda:
+            measured_gib = torch.cuda.max_memory_allocated() / 2**30
+            memory = f"{measured_gib:.2f}"
+            error = f"{100 * (planned_gib - measured_gib) / measured_gib:+.1f}%"
         print(
             f"| {seq} | {tokens} | {seconds:.4g} | {tokens / seconds:.1f} | {tflops:.4g} "
-            f"| {peak:.4g} | {100 * tflops / peak:.1f} | {memory} |"
+            f"| {peak:.4g} | {100 * tflops / peak:.1f} | {memory} | {planned_gib:.2f} | {error} |"
         )
     shutdown()
 

@@ -63,6 +63,8 @@ def test_bench_actor_tiny_cpu():
         "peak TFLOP/s",
         "% peak",
         "peak mem GiB",
+        "plan GiB",
+        "plan error",
     ]
     assert [int(r["seq"]) for r in rows] == [32, 64]
     for row in rows:
@@ -76,7 +78,8 @@ def test_bench_actor_tiny_cpu():
         peak = float(row["peak TFLOP/s"])
         assert peak > 0
         assert float(row["% peak"]) == pytest.approx(100 * tflops / peak, abs=0.051)
-        assert row["peak mem GiB"] == "-"  # CUDA only
+        assert row["peak mem GiB"] == row["plan error"] == "-"  # CUDA only
+        assert float(row["plan GiB"]) >= 0
 
 
 def test_bench_generate_tiny_cpu():
