@@ -63,7 +63,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", _slurm_port(env))),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def _slurm_port(env: dict[str, str]) -> int:
@@ -72,9 +72,10 @@ def _slurm_port(env: dict[str, str]) -> int:
     return 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it; it may be taken again later)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -4,7 +4,6 @@ optional TensorBoard and Weights & Biases, and a one-line progress report, all f
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch.distributed as dist
 
 from sfpo_megatron.config import ConfigError, LoggingConfig
+from sfpo_megatron.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -75,13 +75,6 @@ def _record_line(record: dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers (and a kill) see the old file or the new one, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def is_number(value: Any) -> bool:
     """Plottable / formattable: an int or float (bools count as 0/1)."""
     return isinstance(value, int | float)
@@ -123,13 +116,13 @@ class MetricsLog:
             self._tensorboard = self._open_tensorboard(out)
         if cfg.wandb_project:
             self._wandb = self._open_wandb(out, run_config)
-        _write_atomic(out / CONFIG_FILE, json.dumps(run_config, indent=2, default=str) + "\n")
+        write_atomic(out / CONFIG_FILE, json.dumps(run_config, indent=2, default=str) + "\n")
         path = out / METRICS_FILE
         kept = []
         if resume_from > 0 and path.exists():
             # A killed run may have logged iterations past the checkpoint it resumes from.
             kept = [r for r in read_metrics(path) if r["iteration"] <= resume_from]
-        _write_atomic(path, "".join(_record_line(r) for r in kept))
+        write_atomic(path, "".join(_record_line(r) for r in kept))
         self._file = path.open("a")
 
     def _open_tensorboard(self, out: Path) -> Any:
@@ -157,7 +150,7 @@ class MetricsLog:
             run_id = id_file.read_text().strip()
         else:
             run_id = uuid.uuid4().hex[:12]
-            _write_atomic(id_file, run_id + "\n")
+            write_atomic(id_file, run_id + "\n")
         return wandb.init(
             project=self.cfg.wandb_project,
             config=run_config,

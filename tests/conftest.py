@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from sfpo_megatron.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -78,12 +79,6 @@ def save_random_hf_model(directory, family, save_max_shard_size="5GB", std=0.1, 
     model.save_pretrained(directory, max_shard_size=save_max_shard_size)
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(

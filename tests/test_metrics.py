@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from sfpo_megatron import files as files_mod
 from sfpo_megatron import metrics as metrics_mod
 from sfpo_megatron.config import ConfigError, LoggingConfig
 from sfpo_megatron.metrics import MetricsFileError, MetricsLog, format_duration, read_metrics
@@ -62,7 +63,7 @@ def test_resume_keeps_lines_up_to_the_checkpoint_and_rewrites_atomically(tmp_pat
         replaced.append((os.fspath(src), os.fspath(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(metrics_mod.os, "replace", spy_replace)
+    monkeypatch.setattr(files_mod.os, "replace", spy_replace)
     log = make_log(tmp_path, total=10, resume_from=4)
     target = str(tmp_path / "metrics.jsonl")
     assert (target + ".tmp", target) in replaced

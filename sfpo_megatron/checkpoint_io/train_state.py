@@ -36,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 
+from sfpo_megatron.files import write_atomic
 from sfpo_megatron.models.gpt import unwrap
 
 if TYPE_CHECKING:
@@ -206,22 +207,16 @@ def _gather_model_params(actor: Actor) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _commit(staging: Path, final: Path, trainer_state: str, marker: dict[str, Any]) -> None:
     """Collective, once every rank's files are written: add the trainer state and the marker,
     rename, point ``latest``."""
     if dist.get_rank() == 0:
         (staging / TRAINER_STATE).write_text(trainer_state)
-        _write_atomic(staging / MARKER, json.dumps(marker))
+        write_atomic(staging / MARKER, json.dumps(marker))
         if final.exists():  # the same iteration saved again, e.g. after resuming an older one
             shutil.rmtree(final)
         os.replace(staging, final)
-        _write_atomic(final.parent / LATEST, final.name)
+        write_atomic(final.parent / LATEST, final.name)
     dist.barrier()
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.config import Config
+from sfpo_megatron.distributed import free_port
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
@@ -135,9 +136,7 @@ class ColocatedBackend:
 def _launch(cfg: Config, engine: int) -> ServerProcess:
     r = cfg.rollout
     host = r.sync_address or socket.gethostname()
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
+    port = free_port(host)
     model = str(hf_directory(cfg.model.hf_config))
     gpus = None
     if torch.cuda.is_available():
