@@ -7,6 +7,7 @@ caller-supplied function, so this module needs no tokenizer (see :func:`chat_tem
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -223,10 +224,19 @@ class PromptSet:
             raise DataError(
                 f"all {len(records)} prompts are longer than max_prompt_length={max_prompt_length}"
             )
-        self._epoch = 0
-        self._position = 0
-        self._order_epoch = -1
-        self._order: list[int] = []
+        self._rewind()
+
+    def _rewind(self) -> None:
+        self._epoch, self._position = 0, 0
+        self._order_epoch, self._order = -1, []
+
+    def with_seed(self, seed: int) -> PromptSet:
+        """The same encoded prompts in another order with a cursor of its own (nothing is
+        encoded again)."""
+        other = copy.copy(self)
+        other.seed = seed
+        other._rewind()
+        return other
 
     def __len__(self) -> int:
         return len(self.records)

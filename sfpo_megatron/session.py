@@ -140,15 +140,9 @@ class Session:
         if resume is not None:
             self._load(resume)
         elif self.cfg.train.warm_start_steps:
-            answers = PromptSet(
-                self.prompts.records,
-                self._encode,
-                self.cfg.data.max_prompt_length,
-                self.cfg.data.seed + 1,
-            )
             warm_start(
                 self.actor,
-                answers,
+                self.prompts.with_seed(self.cfg.data.seed + 1),
                 self._encode_answer,
                 self.tokenizer.eos_token_id,
                 self.cfg.train.warm_start_steps,

@@ -206,6 +206,22 @@ def test_order_is_a_seeded_permutation_per_epoch():
     assert a.epoch == 3
 
 
+def test_with_seed_reorders_without_encoding_again():
+    calls = []
+
+    def counting(record):
+        calls.append(record)
+        return encode_len(record)
+
+    base = PromptSet(records(9), counting, 64, seed=5)
+    base.next_batch(4)
+    other = base.with_seed(7)
+    assert len(calls) == 9 and other.token_ids is base.token_ids
+    fresh = PromptSet(records(9), encode_len, 64, seed=7)
+    assert indices(other.next_batch(12)) == indices(fresh.next_batch(12))
+    assert base.state_dict()["position"] == 4  # the original cursor did not move
+
+
 def test_dataset_smaller_than_one_batch_wraps_into_next_epochs():
     ps = PromptSet(records(3), encode_len, 8, seed=1)
     full = PromptSet(records(3), encode_len, 8, seed=1)
