@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from sfpo_megatron.checkpoint_io.hf_import import CheckpointError
     from sfpo_megatron.data import DataError
     from sfpo_megatron.models.arch import UnsupportedModelError
+    from sfpo_megatron.stop_request import EXIT_STATUS, StopRequested
     from sfpo_megatron.trainer import export_hf, train
 
     try:
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         else:
             export_hf(cfg, args.out)
+    except StopRequested:
+        return EXIT_STATUS
     except (
         ConfigError,
         CheckpointError,

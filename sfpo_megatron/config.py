@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -219,6 +220,24 @@ class CheckpointConfig:
     export_hf_dir: str | None = None
     """At the end of training, write the policy here as a HF checkpoint."""
     export_shard_mb: float = 2048
+    stop_signals: list[str] = field(default_factory=lambda: ["USR1"])
+    """Signals that ask the trainer to stop early: it finishes the current iteration, saves
+    its checkpoint and exits with the status :data:`sfpo_megatron.stop_request.EXIT_STATUS`.
+    Names as ``kill -l`` lists them (``USR1``, ``USR2``, ``INT``; ``SIG`` prefix optional);
+    [] = none. ``TERM`` is left alone by default: torchrun forwards it to its ranks and kills
+    them after a short grace, too soon for a checkpoint."""
+    stop_file: str | None = "STOP"
+    """A file whose appearance asks the same (polled by rank 0 once per iteration; removed by
+    the trainer once it stopped or finished, so the next run does not stop at once). Relative:
+    inside ``dir``. Off when null or without ``dir``. It reaches the trainer where a signal
+    cannot: under torchrun the agent dies of ``USR1``, taking the ranks with it."""
+
+    @property
+    def stop_path(self) -> Path | None:
+        """The stop file's path (None when off)."""
+        if self.dir is None or self.stop_file is None:
+            return None
+        return Path(self.dir) / self.stop_file
 
 
 @dataclass
@@ -476,6 +495,12 @@ def validate(cfg: Config) -> None:
         cfg.checkpoint.resume != "auto" or cfg.checkpoint.dir is not None,
         "checkpoint.resume=auto needs checkpoint.dir",
     )
+    for name in cfg.checkpoint.stop_signals:
+        stop_signal(name)
+    _require(
+        cfg.checkpoint.stop_file != "",
+        "checkpoint.stop_file must name a file (null turns the stop file off)",
+    )
     _require(t.warm_start_steps >= 0, f"train.warm_start_steps={t.warm_start_steps} must be >= 0")
     _require(
         t.samples_per_prompt >= 2,
@@ -506,6 +531,17 @@ def validate(cfg: Config) -> None:
     _require(e.interval == 0 or bool(e.files), "eval.interval > 0 needs eval.files")
     _require(e.temperature > 0, f"eval.temperature={e.temperature} must be > 0")
     _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p} must be in (0, 1]")
+
+
+def stop_signal(name: str) -> signal.Signals:
+    """The signal a ``checkpoint.stop_signals`` entry names (``USR1`` or ``SIGUSR1``)."""
+    full = name if name.startswith("SIG") else f"SIG{name}"
+    _require(
+        full in signal.Signals.__members__ and full not in ("SIGKILL", "SIGSTOP"),
+        f"checkpoint.stop_signals: {name!r} is not a signal a process can catch "
+        f"(names as `kill -l` lists them: USR1, USR2, INT, ...)",
+    )
+    return signal.Signals[full]
 
 
 def _data_parallel_size(cfg: Config, world_size: int) -> int:

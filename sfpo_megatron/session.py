@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -18,6 +19,7 @@ from sfpo_megatron.checkpoint_io.hf_export import save_hf
 from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint
 from sfpo_megatron.checkpoint_io.train_state import (
     CheckpointManager,
+    checkpoint_dir,
     latest_complete,
     load_checkpoint,
 )
@@ -37,6 +39,7 @@ from sfpo_megatron.rollout.backends import build_backend
 from sfpo_megatron.rollout.base import SamplingParams
 from sfpo_megatron.rollout.sglang_client import RolloutError
 from sfpo_megatron.rollouts import RolloutScorer
+from sfpo_megatron.stop_request import StopRequest
 from sfpo_megatron.warm_start import warm_start
 
 
@@ -89,6 +92,10 @@ class Session:
         )
         self.iteration = 0
         self.best: dict[str, float] | None = None
+        # Last: nothing raises after it, so its signal handlers are always given back.
+        self.stop_request = StopRequest(cfg.checkpoint, self.actor.device)
+        self._resources.callback(self.stop_request.close)
+        self.stopping = False
 
     def _prompt_set(self, role: str, files: list[str], encode: Encoder) -> PromptSet:
         d = self.cfg.data
@@ -223,7 +230,8 @@ class Session:
         return True
 
     def after_iteration(self, iteration: int) -> dict[str, float]:
-        """Evaluation and checkpoint due after ``iteration``; returns their metrics."""
+        """Evaluation and checkpoint due after ``iteration``; returns their metrics. Asks all
+        ranks whether to stop (``stopping``): then the checkpoint is due too."""
         self.iteration = iteration
         metrics: dict[str, float] = {}
         e, last = self.cfg.eval, iteration == self.cfg.train.iterations
@@ -231,12 +239,23 @@ class Session:
             clock = time.perf_counter()
             metrics.update(self.evaluate(iteration))
             metrics["time_eval"] = time.perf_counter() - clock
+        self.stopping = self.stop_request.agreed() and not last  # the last iteration just finishes
         c = self.cfg.checkpoint
-        if self.checkpoints is not None and ((c.interval and iteration % c.interval == 0) or last):
+        due = (c.interval and iteration % c.interval == 0) or last or self.stopping
+        if self.checkpoints is not None and due:
             clock = time.perf_counter()
             self.checkpoints.save(iteration, self.actor, self._state())
             metrics["time_checkpoint"] = time.perf_counter() - clock
         return metrics
+
+    def stop_early(self, iteration: int) -> NoReturn:
+        """On every rank once ``stopping`` (its metrics logged): complete the checkpoint of
+        ``iteration`` and raise :class:`~sfpo_megatron.stop_request.StopRequested`."""
+        saved = None
+        if self.checkpoints is not None:
+            self.checkpoints.finalize()
+            saved = checkpoint_dir(self.checkpoints.root, iteration)
+        self.stop_request.end_run(iteration, self.cfg.train.iterations, saved)
 
     def evaluate(self, iteration: int) -> dict[str, float]:
         e = self.cfg.eval
@@ -257,7 +276,9 @@ class Session:
         return result
 
     def finish(self) -> None:
-        """At the end: the HF export if configured (the last checkpoint was saved already)."""
+        """At the end: the HF export if configured (the last checkpoint was saved already); a
+        stop file that came too late to matter is removed."""
+        self.stop_request.forget()
         c = self.cfg.checkpoint
         if c.export_hf_dir:
             save_hf(

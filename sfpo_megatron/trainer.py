@@ -31,7 +31,8 @@ def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
-    """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics."""
+    """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics.
+    Raises :class:`~sfpo_megatron.stop_request.StopRequested` after a stop request."""
     arch, checkpoint = start(cfg)
     try:
         with Session.open(cfg, arch, checkpoint) as s:
@@ -44,6 +45,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 metrics["tokens_per_s"] = metrics.pop("generated_tokens") / metrics["seconds"]
                 s.log.log(iteration, metrics)
                 history.append(metrics)
+                if s.stopping:
+                    s.stop_early(iteration)
             s.finish()
             return history
     finally:

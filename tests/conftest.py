@@ -119,6 +119,17 @@ def layout_runs(tmp_path_factory):
     return run_all(tmp_path_factory.mktemp("layouts"))
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 5-iteration run of test_trainer.overrides under DP2 that resumed runs (of
+    test_trainer and test_stop_request) must reproduce."""
+    from test_trainer import train
+
+    run = tmp_path_factory.mktemp("uninterrupted")
+    train(run)
+    return run
+
+
 def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: bool = False):
     """The embedded engine's HTTP server on a free port, started and healthy. A port another
     process takes between choosing and binding it is retried on a new one."""

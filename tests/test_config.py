@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import pytest
 
-from sfpo_megatron.config import ConfigError, load_config, validate_layout
+from sfpo_megatron.config import ConfigError, load_config, stop_signal, validate_layout
 from sfpo_megatron.models.arch import read_hf_config
 
 from conftest import write_hf_config
@@ -73,12 +76,27 @@ def test_unknown_key_suggests_the_close_one(model_dir):
         (["rollout.temperature=0"], "rollout.temperature"),
         (["checkpoint.interval=5"], "checkpoint.interval"),
         (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
+        (["checkpoint.stop_signals=[USR1, FOO]"], "checkpoint.stop_signals: 'FOO' is not a signal"),
+        (["checkpoint.stop_signals=KILL"], "checkpoint.stop_signals: 'KILL'"),
+        (["checkpoint.stop_file=''"], "checkpoint.stop_file"),
     ],
 )
 def test_static_rules(model_dir, overrides, key):
     args = overrides if key == "model.hf_config" else [f"model.hf_config={model_dir}", *overrides]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, args)
+
+
+def test_stop_request_keys(model_dir, tmp_path):
+    """The stop file lives in checkpoint.dir unless absolute; no dir or null: off."""
+    assert load(model_dir).checkpoint.stop_path is None
+    ckpt = f"checkpoint.dir={tmp_path}"
+    assert load(model_dir, ckpt).checkpoint.stop_path == tmp_path / "STOP"
+    stop_file = "checkpoint.stop_file=/shared/stop-7"
+    assert load(model_dir, ckpt, stop_file).checkpoint.stop_path == Path("/shared/stop-7")
+    assert load(model_dir, ckpt, "checkpoint.stop_file=null").checkpoint.stop_path is None
+    assert load(model_dir).checkpoint.stop_signals == ["USR1"]
+    assert [stop_signal(name) for name in ("USR2", "SIGINT")] == [signal.SIGUSR2, signal.SIGINT]
 
 
 # The tiny qwen2 model has 4 layers, 4 attention heads, 2 query groups.

@@ -1,8 +1,9 @@
 """The Slurm launch scripts of examples/slurm on a real Slurm: a two-node cluster on this host
 (two slurmd on 127.0.0.1, CPU only, gloo). The colocated script trains across both nodes
-through torchrun's c10d rendezvous, is requeued by USR1 (its --signal path) and resumes from
-its newest checkpoint; the disaggregated script runs a heterogeneous job whose second node
-serves rollouts that the trainer on the first samples from and pushes its weights to.
+through torchrun's c10d rendezvous, is stopped by USR1 (its --signal path) after checkpointing
+the iteration it is in, requeues itself and resumes from that checkpoint; the disaggregated
+script runs a heterogeneous job whose second node serves rollouts that the trainer on the
+first samples from and pushes its weights to.
 
 Slurm comes from Debian's packages (slurm-wlm, munge): the session fixture installs them when
 sbatch is missing and this is root on an apt system, and the tests skip, saying why, when
@@ -291,6 +292,12 @@ def free_port_pair() -> int:
         return port
 
 
+def last_logged(metrics: Path) -> int:
+    """The last iteration in a metrics.jsonl; 0 before the first."""
+    records = read_metrics(metrics) if metrics.exists() else []
+    return records[-1]["iteration"] if records else 0
+
+
 def newest_checkpoint(root: Path) -> int:
     """Iteration of the newest complete checkpoint under ``root``; 0 if none."""
     path = latest_complete(root)
@@ -299,10 +306,13 @@ def newest_checkpoint(root: Path) -> int:
 
 def test_colocated_two_nodes_requeued_by_usr1_resumes(cluster, tmp_path):
     """Two nodes x 1 rank (c10d rendezvous across slurmd). The first run would go on for
-    1000 iterations; USR1 after its second checkpoint makes the job requeue itself. The
-    requeued run (same job id and arguments, its config now asking for two more iterations
-    than the newest checkpoint) resumes from that checkpoint and trains only the rest."""
-    config = run_config(tmp_path / "run.yaml", tmp_path, **{"train.iterations": 1000})
+    1000 iterations and checkpoint only at the end; USR1 after its second iteration makes the
+    batch shell create the stop file, the trainer checkpoint the iteration it is in and exit,
+    and the job requeue itself. The requeued run (same job id and arguments, its config now
+    asking for two more iterations) resumes right after that iteration: none is redone."""
+    config = run_config(
+        tmp_path / "run.yaml", tmp_path, **{"train.iterations": 1000, "checkpoint.interval": 1000}
+    )
     output = tmp_path / "job.out"
     job = cluster.submit(
         ["--nodes=2", "--gpus-per-node=0", f"--output={output}"],
@@ -310,9 +320,9 @@ def test_colocated_two_nodes_requeued_by_usr1_resumes(cluster, tmp_path):
         [str(config)],
         job_env(NPROC_PER_NODE="1"),
     )
-    ckpt = tmp_path / "ckpt"
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "log/metrics.jsonl"
     started = time.monotonic()
-    cluster.wait_until(job, lambda: newest_checkpoint(ckpt) >= 2, "a second checkpoint", output)
+    cluster.wait_until(job, lambda: last_logged(metrics) >= 2, "a second iteration", output)
     first_run_s = time.monotonic() - started
     cluster.command("scancel", "--batch", "--signal=USR1", str(job))
 
@@ -321,21 +331,29 @@ def test_colocated_two_nodes_requeued_by_usr1_resumes(cluster, tmp_path):
         return info["Restarts"] == "1" and info["JobState"] == "PENDING" and cluster.nodes_idle()
 
     cluster.wait_until(job, requeued, "the job requeued and its processes gone", output)
-    k = newest_checkpoint(ckpt)
-    run_config(config, tmp_path, **{"train.iterations": k + 2})
+    k = last_logged(metrics)
+    assert sorted(path.name for path in ckpt.glob("iter_*")) == [f"iter_{k:07d}"]
+    assert newest_checkpoint(ckpt) == k and not (ckpt / "STOP").exists()
+    run_config(config, tmp_path, **{"train.iterations": k + 2, "checkpoint.interval": 1000})
+    # slurmd refuses a job started in the same second as its requeue (credential revoked),
+    # which the 2 min hold skipped below otherwise rules out.
+    time.sleep(2)
     cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the 2 min hold
     started = time.monotonic()
     assert cluster.wait_ended(job, output) == "COMPLETED", cluster.report(output)
     print(
-        f"first run to checkpoint 2: {first_run_s:.0f}s; resumed: {time.monotonic() - started:.0f}s"
+        f"first run to the stop after iteration {k}: {first_run_s:.0f}s; "
+        f"resumed: {time.monotonic() - started:.0f}s"
     )
     log = output.read_text()
 
     assert "trainer: 2 node(s) (ci[1-2]) x 1 ranks" in log and "restart 1" in log, log
+    assert f"USR1: asking the trainer to checkpoint and stop ({ckpt / 'STOP'})" in log
+    assert f"stopped on request after iteration {k} of 1000" in log
+    assert "USR1: the trainer checkpointed the iteration it was in and stopped" in log
     assert f"USR1: requeueing job {job}" in log
     assert f"resuming from {ckpt / f'iter_{k:07d}'}" in log
-    metrics = read_metrics(tmp_path / "log/metrics.jsonl")  # (two 1-rank worlds: each twice)
-    assert [m["iteration"] for m in metrics] == list(range(1, k + 3))
+    assert [m["iteration"] for m in read_metrics(metrics)] == list(range(1, k + 3))
     assert newest_checkpoint(ckpt) == k + 2
     assert (ckpt / f"iter_{k + 2:07d}" / TRAINER_STATE).is_file()
 

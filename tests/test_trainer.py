@@ -105,13 +105,6 @@ def assert_same_result(run: Path, reference: Path, after: int) -> None:
     assert state == expected
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("uninterrupted")
-    train(run)
-    return run
-
-
 def test_uninterrupted_run_switches_and_logs(uninterrupted):
     metrics = stable_metrics(uninterrupted)
     assert sorted(metrics) == [1, 2, 3, 4, 5]

@@ -55,11 +55,85 @@ sfpo_srun_trainer() {
         -m sfpo_megatron.cli train "$config" checkpoint.resume=auto "$@"
 }
 
-# Requeue the job when Slurm sends USR1 ahead of the time limit (#SBATCH --signal=B:USR1@S,
-# B: = to this batch shell only). Slurm then stops the job steps and starts the job again
-# (same id, same arguments) once it is eligible; it resumes from its newest complete
-# checkpoint, so at most checkpoint.interval iterations are redone. Bash runs the trap only
-# between commands, so the scripts start srun in the background and wait for it.
-sfpo_requeue_on_usr1() {
-    trap 'echo "$(date -Is) USR1: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+# ---------------------------------------------------------------- stop, checkpoint, requeue
+# #SBATCH --signal=B:USR1@S makes Slurm send USR1 to this batch shell (B: only to it) S seconds
+# before the time limit. The trap creates the trainer's stop file (checkpoint.stop_file, by
+# default STOP in checkpoint.dir): at the end of the iteration it is in, the trainer saves a
+# checkpoint of it and exits. Then, or SFPO_STOP_GRACE_S seconds after the signal if the
+# trainer is still running, the job requeues itself (same id and arguments) and resumes from
+# that checkpoint. A file, not a signal to the job step: the step's torchrun would die of USR1
+# and take the ranks with it. S must exceed one iteration plus one checkpoint save plus a
+# minute or two for the requeue; SFPO_STOP_GRACE_S (default 780) must stay below S.
+
+# sfpo_stop_on_usr1 CONFIG [KEY=VALUE ...]: install the trap for this run's stop file, read
+# from the config as the trainer reads it. Without one (the stop file off, or a config that
+# does not load: the trainer then stops with the reason), USR1 requeues at once.
+sfpo_stop_on_usr1() {
+    SFPO_STOP_FILE=$("${PYTHON:-python}" -c '
+import sys
+from sfpo_megatron.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).checkpoint.stop_path or "")' "$@") ||
+        SFPO_STOP_FILE=
+    SFPO_STOP_DEADLINE=
+    echo "$(date -Is) stop file: ${SFPO_STOP_FILE:-none, USR1 requeues at once}"
+    trap _sfpo_on_usr1 USR1
+}
+
+_sfpo_on_usr1() {
+    [[ -z $SFPO_STOP_DEADLINE ]] || return 0  # asked already
+    if [[ -n $SFPO_STOP_FILE ]]; then
+        echo "$(date -Is) USR1: asking the trainer to checkpoint and stop ($SFPO_STOP_FILE)"
+        mkdir -p "$(dirname "$SFPO_STOP_FILE")"
+        touch "$SFPO_STOP_FILE"
+        SFPO_STOP_DEADLINE=$((SECONDS + ${SFPO_STOP_GRACE_S:-780}))
+    else
+        SFPO_STOP_DEADLINE=$SECONDS
+    fi
+}
+
+# sfpo_wait_trainer TRAINER [SERVERS]: wait for the trainer (the pid of a background srun)
+# and return its exit status (124 when it outlived the grace after USR1). Rollout servers (the
+# pid of their srun) that exit first stop the trainer, which would otherwise wait for them
+# until its timeout. Sleeping in the background keeps the USR1 trap responsive.
+sfpo_wait_trainer() {
+    local trainer=$1 servers=${2:-} status=0
+    while kill -0 "$trainer" 2>/dev/null; do
+        if [[ -n $SFPO_STOP_DEADLINE ]] && ((SECONDS >= SFPO_STOP_DEADLINE)); then
+            return 124
+        fi
+        if [[ -n $servers ]] && ! kill -0 "$servers" 2>/dev/null; then
+            echo "$(date -Is) the rollout servers exited; stopping the trainer" >&2
+            kill "$trainer" 2>/dev/null || true
+        fi
+        sleep 1 &
+        wait $! || true
+    done
+    wait "$trainer" || status=$?
+    return "$status"
+}
+
+# sfpo_requeue_if_asked STATUS: after USR1, requeue the job unless the trainer finished
+# training (STATUS 0). Whether it checkpointed shows in the stop file, not in STATUS (torchrun
+# exits 1 whatever status its ranks exit with): the trainer removes the file once its
+# checkpoint is complete. A file it did not act on is removed here, or the requeued run would
+# stop after its first iteration.
+sfpo_requeue_if_asked() {
+    local status=$1
+    [[ -n $SFPO_STOP_DEADLINE ]] || return 0
+    if ((status == 0)); then
+        rm -f "$SFPO_STOP_FILE"  # created after the trainer's last look
+        echo "$(date -Is) USR1: the trainer finished training; not requeueing"
+        return 0
+    fi
+    if [[ -z $SFPO_STOP_FILE ]]; then
+        echo "$(date -Is) USR1: no stop file; the work since the last checkpoint will be redone"
+    elif [[ -e $SFPO_STOP_FILE ]]; then
+        rm -f "$SFPO_STOP_FILE"
+        echo "$(date -Is) USR1: the trainer did not stop in time (status $status); the work" \
+            "since its last checkpoint will be redone"
+    else
+        echo "$(date -Is) USR1: the trainer checkpointed the iteration it was in and stopped"
+    fi
+    echo "$(date -Is) USR1: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
 }
