@@ -162,6 +162,8 @@ class EngineServer:
     def release_memory_occupation(self, body: dict) -> None:
         tags = _memory_tags(body)
         self.offloaded |= set(tags)
+        if {"kv_cache", "cuda_graph"} & set(tags):
+            self.engine.decoder.drop_cache()  # the graphs are captured over the cache
         if WEIGHTS_TAG in tags:
             self.engine.release_memory()
 
