@@ -12,7 +12,8 @@ import logging
 import sys
 import warnings
 
-from sfpo_megatron.config import ConfigError, load_config
+from sfpo_megatron.config import load_config
+from sfpo_megatron.config_rules import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

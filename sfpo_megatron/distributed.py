@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.config import Config, validate_layout
+from sfpo_megatron.config import Config
+from sfpo_megatron.config_rules import validate_layout
 from sfpo_megatron.models.arch import ModelArch
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from sfpo_megatron.config import ConfigError, LoggingConfig
+from sfpo_megatron.config import LoggingConfig
+from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"

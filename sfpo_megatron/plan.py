@@ -52,7 +52,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfpo_megatron.config import Config, ConfigError, load_config, validate, validate_layout
+from sfpo_megatron.config import Config, load_config
+from sfpo_megatron.config_rules import ConfigError, validate, validate_layout
 from sfpo_megatron.models.arch import (
     ModelArch,
     UnsupportedModelError,

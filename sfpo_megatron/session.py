@@ -23,7 +23,8 @@ from sfpo_megatron.checkpoint_io.train_state import (
     latest_complete,
     load_checkpoint,
 )
-from sfpo_megatron.config import Config, ConfigError
+from sfpo_megatron.config import Config
+from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.data import (
     Encoder,
     PromptSet,

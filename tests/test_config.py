@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sfpo_megatron.config import ConfigError, load_config, stop_signal, validate_layout
+from sfpo_megatron.config import load_config
+from sfpo_megatron.config_rules import ConfigError, stop_signal, validate_layout
 from sfpo_megatron.models.arch import read_hf_config
 
 from conftest import write_hf_config

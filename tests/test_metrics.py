@@ -12,7 +12,8 @@ import pytest
 
 from sfpo_megatron import files as files_mod
 from sfpo_megatron import metrics as metrics_mod
-from sfpo_megatron.config import ConfigError, LoggingConfig
+from sfpo_megatron.config import LoggingConfig
+from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.metrics import MetricsFileError, MetricsLog, format_duration, read_metrics
 
 RUN_CONFIG = {"algorithm": {"name": "sfpo", "sfpo": {"alpha": 0.8}}, "train": {"iterations": 5}}

@@ -13,7 +13,8 @@ import json
 import pytest
 
 from sfpo_megatron import plan
-from sfpo_megatron.config import ConfigError, load_config
+from sfpo_megatron.config import load_config
+from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.models.arch import read_hf_config
 
 from conftest import REPO, TESTS, torchrun, write_hf_config

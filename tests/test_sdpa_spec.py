@@ -24,7 +24,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from sfpo_megatron.config import ConfigError, load_config
+from sfpo_megatron.config import load_config
+from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.models import spec
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.sdpa import SDPAttention
