@@ -20,7 +20,8 @@ CONFIG_FILE = "config.json"
 WANDB_ID_FILE = "wandb_id"
 
 # Top-level phases of an iteration (they add up to about ``seconds``) and their short names.
-# SFPO's time_fast / time_reposition / time_slow are parts of time_update, so not listed.
+# SFPO's time_fast (snapshot included: time_snapshot) / time_reposition / time_slow are parts
+# of time_update, so not listed.
 PHASES = {
     "time_rollout": "rollout",
     "time_reward": "reward",

@@ -97,6 +97,11 @@ class Snapshot:
             self._copied = torch.cuda.Event()
             self._copied.record()
 
+    @property
+    def overlapped(self) -> bool:
+        """The copy runs beside the fast passes (host buffer on a GPU): not timed on its own."""
+        return self._side is not None
+
     def wait(self) -> None:
         if self._copied is not None:
             torch.cuda.current_stream().wait_event(self._copied)
@@ -143,6 +148,8 @@ class SFPOUpdate:
         if self.active:
             start = _clock()
             self.snapshot.capture()
+            if not self.snapshot.overlapped:
+                timings["time_snapshot"] = _clock() - start
             fast_steps = 0
             for _ in range(self.cfg.inner_steps):
                 fast_steps += self.actor.train_pass(batch, before_step=self.snapshot.wait)[
@@ -152,7 +159,7 @@ class SFPOUpdate:
             self.snapshot.reposition_(self.cfg.alpha)
             self.actor.publish_master_weights()
             slow = _clock()
-            timings = {"time_fast": repositioned - start, "time_reposition": slow - repositioned}
+            timings.update(time_fast=repositioned - start, time_reposition=slow - repositioned)
         else:
             fast_steps, slow = 0, _clock()
         metrics = self.actor.train_pass(batch)

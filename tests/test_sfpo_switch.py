@@ -103,6 +103,9 @@ def test_reposition_lands_on_the_formula():
     assert torch.equal(actor.weights.alone[0], torch.full((5,), 3.5))
     assert metrics["fast_optimizer_steps"] == 6 and metrics["sfpo_active"] == 1.0
     assert "entropy_z" not in metrics
+    phases = ("time_snapshot", "time_fast", "time_reposition", "time_slow")
+    assert all(metrics[k] >= 0 for k in phases)
+    assert metrics["time_snapshot"] <= metrics["time_fast"]  # the snapshot is inside it
 
 
 def test_non_finite_entropy_is_an_error():
