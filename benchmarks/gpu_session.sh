@@ -6,11 +6,13 @@
 #
 #   bash benchmarks/gpu_session.sh build reposition generate
 #   bash benchmarks/gpu_session.sh build actor
+#   bash benchmarks/gpu_session.sh build iteration
 #   bash benchmarks/gpu_session.sh build sfpo
 #
 # Steps: build (CUDA extension + the CUDA-only tests), reposition (fused ops vs copy), generate
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
-# peak memory vs plan), sfpo (SFPO vs GRPO on the demo task, 3 seeds, with phase times).
+# peak memory vs plan), iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
+# sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
 # The machine needs megatron-core; without network access carry its wheel (and only it: torch,
 # numpy and packaging are there) in .whl/ of the repository root, e.g.
@@ -64,12 +66,17 @@ actor() {
         --attention local --steps 2
 }
 
+iteration() {
+    python3 benchmarks/bench_iteration.py --preset 0.5b --prompts 32 --samples 8 \
+        --prompt-len 256 --response-len 1024 --micro-batch-size 4 --out "$OUT/iteration"
+}
+
 sfpo() {
     python3 benchmarks/sfpo_vs_grpo.py --seeds 1 2 3 --out "$OUT/compare"
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build reposition generate actor sfpo)
+[ ${#steps[@]} -gt 0 ] || steps=(build reposition generate actor iteration sfpo)
 for name in "${steps[@]}"; do
     step "$name" "$name"
 done

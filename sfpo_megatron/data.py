@@ -216,6 +216,11 @@ class PromptSet:
         self.token_ids: list[list[int]] = []
         for record in records:
             ids = [int(t) for t in encode(record)]
+            if not ids:
+                raise DataError(
+                    f"{record.where}: the prompt encodes to no tokens (does the tokenizer "
+                    "know its words?)"
+                )
             if len(ids) <= max_prompt_length:
                 self.records.append(record)
                 self.token_ids.append(ids)

@@ -33,7 +33,7 @@ def table(stdout: str) -> list[dict[str, str]]:
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     header, separator, *rows = cells
-    assert all(re.fullmatch(r"-+:", c) for c in separator)
+    assert all(re.fullmatch(r":?-+:?", c) for c in separator)
     assert rows and all(len(row) == len(header) for row in rows)
     return [dict(zip(header, row, strict=True)) for row in rows]
 
@@ -113,3 +113,28 @@ def test_generate_rejects_a_single_new_token():
     )
     assert proc.returncode == 2
     assert "--new-tokens must be >= 2" in proc.stderr
+
+
+def test_bench_iteration_tiny_cpu(tmp_path):
+    """Both runs train, every phase is reported, SFPO's update is split into its parts, and the
+    shares are of the SFPO iteration."""
+    out = run_script(
+        "bench_iteration.py",
+        *("--preset", "tiny", "--prompts", "2", "--samples", "2", "--prompt-len", "4"),
+        *("--response-len", "4", "--iterations", "2", "--micro-batch-size", "2"),
+        *("--out", str(tmp_path)),
+    )
+    rows = {row["phase"]: row for row in table(out)}
+    assert list(rows)[0] == "rollout" and list(rows)[-1] == "whole iteration"
+    for phase in ("update: snapshot", "update: fast passes", "update: reposition"):
+        assert rows[phase]["GRPO ms"] == "-" and float(rows[phase]["SFPO ms"]) >= 0
+    whole = float(rows["whole iteration"]["SFPO ms"])
+    parts = [float(r["SFPO ms"]) for name, r in rows.items() if name != "whole iteration"]
+    assert 0 < sum(parts) <= whole
+    reposition = rows["update: reposition"]
+    assert float(reposition["% of SFPO iteration"]) == pytest.approx(
+        100 * float(reposition["SFPO ms"]) / whole, abs=0.01
+    )
+    for algorithm in ("grpo", "sfpo"):
+        assert (tmp_path / algorithm / "metrics.jsonl").is_file()
+    assert "SFPO's own cost (snapshot + reposition):" in out

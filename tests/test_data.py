@@ -179,6 +179,12 @@ def test_all_prompts_too_long_is_an_error():
         PromptSet(records(5), encode_len, max_prompt_length=0, seed=0)
 
 
+def test_a_prompt_without_tokens_names_its_row():
+    rows = records(4)
+    with pytest.raises(DataError, match=rf"{rows[2].where}: the prompt encodes to no tokens"):
+        PromptSet(rows, lambda r: [] if r is rows[2] else encode_len(r), 64, seed=0)
+
+
 def test_empty_prompt_set_and_bad_batch_size():
     with pytest.raises(DataError, match="empty"):
         PromptSet([], encode_len, max_prompt_length=8, seed=0)
