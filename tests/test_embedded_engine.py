@@ -125,11 +125,15 @@ def test_row_groups_give_the_same_greedy_samples(setup):
     params = SamplingParams(n=3, top_k=1, max_new_tokens=7)
     whole = engine.generate(PROMPTS, params)
     width = max(map(len, PROMPTS)) + params.max_new_tokens
-    row_gb = width * engine._kv_bytes_per_position / 2**30
+    row_gb = engine.decoder.kv_bytes(1, width) / 2**30
     small = EmbeddedEngine(directory, kv_cache_gb=5 * row_gb)
     small.update_weights(export_buckets(model), version=5)
     assert small._rows_per_group(width) == 5
     grouped = small.generate(PROMPTS, params)
+    cache = small.decoder._cache
+    assert cache.shape[0] == len(PROMPTS) * 3 % 5  # the last, smaller group
+    held = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    assert held == small.decoder.kv_bytes(cache.shape[0], width)
     assert [s.output_ids for s in grouped] == [s.output_ids for s in whole]
     for got, expected in zip(grouped, whole, strict=True):
         got, expected = torch.tensor(got.output_logprobs), torch.tensor(expected.output_logprobs)

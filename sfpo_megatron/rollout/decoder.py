@@ -114,6 +114,12 @@ class StaticDecoder:
         self._cache: _Cache | None = None
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
+    def kv_bytes(self, rows: int, positions: int) -> int:
+        """Bytes of the KV cache :meth:`prefill` allocates for ``rows`` x ``positions``."""
+        a, length = self.arch, -(-positions // SPAN) * SPAN
+        per_position = 2 * a.num_layers * a.num_query_groups * a.head_dim * self.dtype.itemsize
+        return rows * length * per_position
+
     def drop_cache(self) -> None:
         """Free the KV cache and the graphs captured over it."""
         self._cache = None

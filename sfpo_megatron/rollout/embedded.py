@@ -43,9 +43,6 @@ class EmbeddedEngine:
         self.weights = EngineWeights(self.arch, self.device, dtype)
         self.decoder = StaticDecoder(self.arch, self.weights, cuda_graphs)
         self.vocab_size = self.arch.vocab_size
-        a = self.arch
-        self._kv_bytes_per_position = 2 * a.num_layers * a.num_query_groups * a.head_dim
-        self._kv_bytes_per_position *= dtype.itemsize
         self._kv_cache_bytes = kv_cache_gb * 2**30
         self._version = NO_WEIGHTS
 
@@ -153,7 +150,7 @@ class EmbeddedEngine:
 
     def _rows_per_group(self, positions: int) -> int:
         """Rows whose KV cache of ``positions`` positions fits the budget (at least one)."""
-        return max(1, int(self._kv_cache_bytes // (positions * self._kv_bytes_per_position)))
+        return max(1, int(self._kv_cache_bytes // self.decoder.kv_bytes(1, positions)))
 
     @torch.no_grad()
     def _decode(
