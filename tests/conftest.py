@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from sfpo_megatron.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -81,6 +81,27 @@ def save_random_hf_model(directory, family, save_max_shard_size="5GB", std=0.1, 
     return model
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports free now and not handed out before in this
+    process, picked below the kernel's ephemeral range: a port from that range can be taken by
+    any connecting socket (gloo's, torchrun's) between this check and the job's bind."""
+    while True:
+        ports = range(base := random.randrange(30100, 32700 - count), base + count)
+        if _HANDED_OUT.intersection(ports):
+            continue
+        try:
+            for port in ports:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _HANDED_OUT.update(ports)
+        return base
+
+
 def torchrun(
     nproc: int, script: Path, *args: str, timeout: int = 600
 ) -> subprocess.CompletedProcess:
@@ -98,7 +119,7 @@ def torchrun(
         "--nproc_per_node",
         str(nproc),
         "--master_port",
-        str(free_port()),
+        str(free_ports()),
         str(script),
         *args,
     ]
@@ -137,7 +158,7 @@ def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: b
     from sfpo_megatron.rollout.sglang_client import RolloutError
 
     for attempt in range(3):
-        port = free_port()
+        port = free_ports()
         command = embedded_command(str(model_dir), port, load_weights=load_weights)
         server = ServerProcess([*command, *extra_args], f"http://127.0.0.1:{port}", log_path, 60)
         try:

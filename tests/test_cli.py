@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, free_port, srun_env, torchrun
+from conftest import REPO, free_ports, srun_env, torchrun
 
 CONFIG = REPO / "examples" / "configs" / "demo.yaml"
 # A few quick iterations of the demo: 2 prompts x 4 samples per step, one mini-batch each.
@@ -100,7 +100,7 @@ def test_config_errors_exit_2_with_the_key(tmp_path):
 
 def test_slurm_style_launch_without_torchrun(tmp_path):
     """Two tasks started the way srun starts them (SLURM_* variables, no torchrun)."""
-    port = free_port()
+    port = free_ports()
     procs = []
     for rank in range(2):
         env = srun_env(rank, 2, port)

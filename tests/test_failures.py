@@ -11,14 +11,14 @@ import time
 
 from test_trainer import DEMO, assert_same_result, overrides
 
-from conftest import REPO, free_port, srun_env
+from conftest import REPO, free_ports, srun_env
 
 TIMEOUT_S = 60
 LAYOUT = {"parallel.tensor": 2, "parallel.timeout_s": TIMEOUT_S, "eval.interval": 0}
 
 
 def start_ranks(run, ranks: int = 4, **extra) -> list[subprocess.Popen]:
-    port = free_port()
+    port = free_ports()
     args = overrides(run, **LAYOUT, **extra)
     procs = []
     for rank in range(ranks):

@@ -19,7 +19,7 @@ from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sgla
 from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
 from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
 
-from conftest import TESTS, free_port, save_random_hf_model, start_embedded_server, torchrun
+from conftest import TESTS, free_ports, save_random_hf_model, start_embedded_server, torchrun
 
 
 def start_server(model_dir, tmp_path, load_weights=False):
@@ -44,7 +44,7 @@ def test_trainer_syncs_generates_trains_and_syncs_again(model_dir, tmp_path, lay
             TESTS / "dist" / "sglang_sync_worker.py",
             str(tmp_path / "r.json"),
             client.url,
-            str(free_port()),
+            str(free_ports()),
             f"model.hf_config={model_dir}",
             "model.dtype=fp32",
             "rollout.temperature=0.8",
@@ -129,7 +129,7 @@ def test_flattened_bucket_layout():
 
 
 def test_launcher_starts_serves_and_stops(model_dir, tmp_path):
-    port = free_port()
+    port = free_ports()
     server = ServerProcess(
         embedded_command(str(model_dir), port, load_weights=True),
         f"http://127.0.0.1:{port}",
@@ -150,7 +150,7 @@ def test_launcher_starts_serves_and_stops(model_dir, tmp_path):
 
 
 def test_launcher_reports_a_server_that_dies(tmp_path):
-    port = free_port()
+    port = free_ports()
     server = ServerProcess(
         embedded_command(str(tmp_path / "nowhere"), port),
         f"http://127.0.0.1:{port}",
@@ -162,7 +162,7 @@ def test_launcher_reports_a_server_that_dies(tmp_path):
 
 
 def test_launcher_gives_up_on_a_silent_server(tmp_path):
-    port = free_port()
+    port = free_ports()
     server = ServerProcess(
         [sys.executable, "-c", "import time; time.sleep(60)"],
         f"http://127.0.0.1:{port}",

@@ -33,7 +33,7 @@ from sfpo_megatron.config import load_config
 from sfpo_megatron.metrics import read_metrics
 from sfpo_megatron.models.arch import hf_directory
 
-from conftest import REPO, TESTS, free_port
+from conftest import REPO, TESTS, free_ports
 
 SCRIPTS = REPO / "examples/slurm"
 DEMO = REPO / "examples/configs/demo.yaml"
@@ -94,7 +94,8 @@ class Cluster:
 
     def start(self) -> None:
         host = socket.gethostname().split(".")[0]
-        ports = {"ctld_port": free_port(), "port1": free_port(), "port2": free_port()}
+        base = free_ports(3)
+        ports = {"ctld_port": base, "port1": base + 1, "port2": base + 2}
         conf = Template((TESTS / "slurm/slurm.conf.in").read_text()).substitute(
             state=self.state,
             host=host,
@@ -280,18 +281,6 @@ def run_config(path: Path, run: Path, **overrides: object) -> Path:
     return path
 
 
-def free_port_pair() -> int:
-    """A free port whose successor is free too (two servers on consecutive ports)."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-
-
 def last_logged(metrics: Path) -> int:
     """The last iteration in a metrics.jsonl; 0 before the first."""
     records = read_metrics(metrics) if metrics.exists() else []
@@ -364,11 +353,11 @@ def test_disaggregated_het_job_serves_rollouts_from_its_own_node(cluster, tmp_pa
     iteration: both servers sampled from the weights the trainer pushed to them."""
     config = run_config(tmp_path / "run.yaml", tmp_path, **{"parallel.tensor": 2})
     output = tmp_path / "job.out"
-    port = free_port_pair()
+    port = free_ports(4)  # two rollout servers, then two weight-sync groups
     job = cluster.submit(
         ["--gpus-per-node=0", f"--output={output}", ":", "--gpus-per-node=0"],
         SCRIPTS / "train_disaggregated.sbatch",
-        [str(config), f"rollout.sync_port={free_port()}"],
+        [str(config), f"rollout.sync_port={port + 2}"],
         job_env(
             NPROC_PER_NODE="2",
             GPUS_PER_NODE="2",

@@ -22,7 +22,7 @@ from sfpo_megatron.config import load_config
 from sfpo_megatron.metrics import read_metrics
 from sfpo_megatron.stop_request import EXIT_STATUS, StopRequest, StopRequested
 
-from conftest import REPO, free_port, srun_env
+from conftest import REPO, free_ports, srun_env
 
 LONG = {"train.iterations": 1000, "checkpoint.interval": 0}
 """A run that only stops on request: its one checkpoint is the one the stop writes."""
@@ -31,7 +31,7 @@ STOP_WITHIN_S = 60
 
 def start_ranks(run: Path, ranks: int = 2, **extra) -> list[subprocess.Popen]:
     """``ranks`` trainer processes on the test task; rank 0's output in ``run/rank0.out``."""
-    port, args = free_port(), overrides(run, **extra)
+    port, args = free_ports(), overrides(run, **extra)
     procs = []
     for rank in range(ranks):
         with open(run / f"rank{rank}.out", "w") as out:
@@ -112,7 +112,7 @@ def test_usr1_to_one_rank_stops_all_after_an_async_checkpoint(tmp_path):
 @pytest.fixture
 def one_rank_world():
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{free_ports()}", rank=0, world_size=1
     )
     yield
     dist.destroy_process_group()

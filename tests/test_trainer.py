@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, start_embedded_server
+from conftest import REPO, free_ports, start_embedded_server
 
 MODEL = REPO / "examples/models/tiny-digits"
 TASK = REPO / "examples/tasks/digits"
@@ -66,7 +66,7 @@ def command(ranks: int, args: list[str]) -> list[str]:
     if ranks == 1:
         return [sys.executable, *cli]
     launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
-    return [sys.executable, *launch, "--master_port", str(free_port()), *cli]
+    return [sys.executable, *launch, "--master_port", str(free_ports()), *cli]
 
 
 def train(run: Path, ranks: int = 2, check: bool = True, **extra) -> subprocess.CompletedProcess:
@@ -168,7 +168,7 @@ def test_rollouts_from_a_server_process_under_tp2(tmp_path):
                 "rollout.engine": "servers",
                 "rollout.server_urls": f"[http://127.0.0.1:{port}]",
                 "rollout.sync_address": "127.0.0.1",
-                "rollout.sync_port": free_port(),
+                "rollout.sync_port": free_ports(),
             },
         )
     finally:
