@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         if command is export_cmd:
             command.add_argument("out", help="output directory (replaced once complete)")
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    from sfpo_megatron import plan
+    from sfpo_megatron import plan_cli
 
-    plan.add_arguments(
+    plan_cli.add_arguments(
         commands.add_parser("plan", help="per-GPU memory of a model under a layout, or a search")
     )
     plot_cmd = commands.add_parser("plot", help="draw PNG curves from runs' metrics.jsonl")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         return _plot(args.runs, args.out)
     if args.command == "plan":
-        return plan.run(args)
+        return plan_cli.run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from sfpo_megatron import plan
+from sfpo_megatron import plan, plan_cli
 from sfpo_megatron.config import load_config
 from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.models.arch import read_hf_config
@@ -178,8 +178,8 @@ def test_invalid_layouts_use_validate_layouts_rules(qwen7b):
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
-    plan.add_arguments(parser)
-    return plan.run(parser.parse_args(list(argv)))
+    plan_cli.add_arguments(parser)
+    return plan_cli.run(parser.parse_args(list(argv)))
 
 
 def test_search_lists_layouts_that_fit_best_first(qwen7b, capsys):
