@@ -1,11 +1,15 @@
-"""Weight sync speed: the Megatron actor pushes its weights to a rollout server over the
-export stream, in-process (the embedded default) and over HTTP + a gloo broadcast group
-(SGLang's /update_weights_from_distributed protocol, against the embedded engine's server).
+"""Weight sync speed: the Megatron actor pushes its weights to a rollout engine over the export
+stream, in-process (the embedded default), over HTTP + a broadcast group (SGLang's
+/update_weights_from_distributed protocol; NCCL on GPU, gloo on CPU) and colocated (SGLang's
+/update_weights_from_tensor with IPC handles: CUDA IPC on GPU, shared memory on CPU), both
+against the embedded engine's server on the same device.
 
     python benchmarks/bench_weight_sync.py [--hidden 512 --layers 8 --vocab 32000] [--repeats 3]
+    python benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936   # ~1.5B
 
-Runs as one process on CPU (a GPU run would use NCCL; not measured here). Prints elements,
-bytes, seconds per sync (median) and GB/s for each transport.
+One trainer process (TP1): fp32 on CPU, bf16 on GPU. Prints elements, bytes, seconds per sync
+(median of --repeats after one warm-up) and GB/s for each transport, beside a plain copy of
+the same bytes on the device (the memory-bandwidth bound of one read and one write).
 """
 
 from __future__ import annotations
@@ -23,29 +27,67 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from sfpo_megatron.actor import Actor
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import shutdown
+from sfpo_megatron.distributed import free_port, shutdown
+from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import SGLangClient
+from sfpo_megatron.sync.colocated import ColocatedSync
 from sfpo_megatron.sync.distributed import DistributedSync
 from sfpo_megatron.sync.in_process import sync_in_process
 from sfpo_megatron.trainer import start
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         begin = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - begin)
     return statistics.median(times)
+
+
+def copy_seconds(nbytes: int, repeats: int) -> float:
+    """One read and one write of ``nbytes`` on the device: the bound of any sync."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return timed(lambda: target.copy_(source), repeats)
+
+
+def in_process_seconds(actor, arch, directory: Path, dtype, version, args) -> float:
+    """The embedded engine on the trainer's device, synced in process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = EmbeddedEngine(directory, device, dtype)
+    return timed(
+        lambda: sync_in_process(actor.chunks, arch, engine, next(version), args.bucket_mb),
+        args.repeats,
+    )
+
+
+def served_seconds(directory: Path, dtype: str, sync_with, repeats: int) -> float:
+    """Seconds per sync to a fresh embedded-engine server on this device; ``sync_with(client)``
+    connects and returns the sync to time."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    port = free_port()
+    command = [sys.executable, "-m", "sfpo_megatron.rollout.http_server", "--hf-dir"]
+    command += [str(directory), "--port", str(port), "--device", device, "--dtype", dtype]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        client = SGLangClient(f"http://127.0.0.1:{port}")
+        client.wait_healthy(300)
+        return timed(sync_with(client), repeats)
+    finally:
+        server.kill()
+        server.wait()
 
 
 def main() -> None:
@@ -67,11 +109,14 @@ def main() -> None:
         num_key_value_heads=2,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    cuda = torch.cuda.is_available()
+    dtype = "bf16" if cuda else "fp32"
+    server_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     cfg = load_config(
         None,
         [
             f"model.hf_config={directory}",
-            "model.dtype=fp32",
+            f"model.dtype={dtype}",
             "train.prompts_per_step=1",
             "train.samples_per_prompt=2",
             "train.mini_batch_prompts=1",
@@ -80,46 +125,46 @@ def main() -> None:
     arch, checkpoint = start(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
     elements = sum(p.numel() for c in actor.chunks for p in c.parameters())
-    nbytes = elements * 4
-
-    rows = []
-    engine = EmbeddedEngine(directory)
+    nbytes = elements * DTYPES[dtype].itemsize
     version = iter(range(1, 10_000))
-    seconds = timed(
-        lambda: sync_in_process(actor.chunks, arch, engine, next(version), args.bucket_mb),
-        args.repeats,
-    )
-    rows.append(("in-process (embedded engine)", seconds))
+    rows = [
+        ("copy_ of the same bytes on the device (reference)", copy_seconds(nbytes, args.repeats)),
+        (
+            "in-process (embedded engine)",
+            in_process_seconds(actor, arch, directory, DTYPES[dtype], version, args),
+        ),
+    ]
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sfpo_megatron.rollout.http_server",
-            "--hf-dir",
-            str(directory),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        client = SGLangClient(f"http://127.0.0.1:{port}")
-        client.wait_healthy(120)
+    def broadcast(client: SGLangClient):
         sync = DistributedSync([client], "127.0.0.1", free_port(), bucket_mb=args.bucket_mb)
         sync.connect()
-        seconds = timed(lambda: sync.push(actor.chunks, arch, next(version)), args.repeats)
-        rows.append((f"HTTP + gloo broadcast ({args.bucket_mb:g} MB buckets)", seconds))
-    finally:
-        server.kill()
+        return lambda: sync.push(actor.chunks, arch, next(version))
+
+    def colocated(client: SGLangClient):
+        push = ColocatedSync([client], bucket_mb=args.bucket_mb)
+        return lambda: push.push(actor.chunks, arch, next(version))
+
+    buckets = f"{args.bucket_mb:g} MB buckets"
+    rows.append(
+        (
+            f"HTTP + {'NCCL' if cuda else 'gloo'} broadcast ({buckets})",
+            served_seconds(directory, server_dtype, broadcast, args.repeats),
+        )
+    )
+    rows.append(
+        (
+            f"colocated, {'CUDA IPC' if cuda else 'shared memory'} ({buckets})",
+            served_seconds(directory, server_dtype, colocated, args.repeats),
+        )
+    )
     shutdown()
 
-    print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"model: Qwen2 shape, {elements / 1e6:.1f} M params, fp32 = {nbytes / 2**20:.0f} MiB")
-    print(f"{'transport':44s} {'s/sync':>8s} {'GB/s':>7s}")
-    for name, seconds in rows:
-        print(f"{name:44s} {seconds:8.3f} {nbytes / seconds / 1e9:7.2f}")
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}, torch {torch.__version__}")
+    print(f"model: Qwen2 shape, {elements:,} params, {dtype} = {nbytes / 2**20:.1f} MiB")
+    print(f"{'transport':52s} {'s/sync':>9s} {'GB/s':>7s}")
+    for label, seconds in rows:
+        print(f"{label:52s} {seconds:9.4g} {nbytes / seconds / 1e9:7.3g}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@
 #
 #   bash benchmarks/gpu_session.sh build reposition generate
 #   bash benchmarks/gpu_session.sh build actor
-#   bash benchmarks/gpu_session.sh build iteration
+#   bash benchmarks/gpu_session.sh build iteration weight_sync
 #   bash benchmarks/gpu_session.sh build sfpo
 #
 # Steps: build (CUDA extension + the CUDA-only tests), reposition (fused ops vs copy), generate
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
 # peak memory vs plan), iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
+# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy),
 # sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
 # The machine needs megatron-core; without network access carry its wheel (and only it: torch,
@@ -71,12 +72,16 @@ iteration() {
         --prompt-len 256 --response-len 1024 --micro-batch-size 4 --out "$OUT/iteration"
 }
 
+weight_sync() {
+    python3 benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936
+}
+
 sfpo() {
     python3 benchmarks/sfpo_vs_grpo.py --seeds 1 2 3 --out "$OUT/compare"
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build reposition generate actor iteration sfpo)
+[ ${#steps[@]} -gt 0 ] || steps=(build reposition generate actor iteration weight_sync sfpo)
 for name in "${steps[@]}"; do
     step "$name" "$name"
 done

@@ -138,3 +138,20 @@ def test_bench_iteration_tiny_cpu(tmp_path):
     for algorithm in ("grpo", "sfpo"):
         assert (tmp_path / algorithm / "metrics.jsonl").is_file()
     assert "SFPO's own cost (snapshot + reposition):" in out
+
+
+def test_bench_weight_sync_tiny_cpu():
+    args = ("--hidden", "128", "--layers", "2", "--vocab", "300", "--repeats", "1")
+    out = run_script("bench_weight_sync.py", *args)
+    lines = out.splitlines()
+    elements = int(re.search(r"([\d,]+) params, fp32 = ", out).group(1).replace(",", ""))
+    rows = lines[lines.index(next(line for line in lines if line.startswith("transport"))) + 1 :]
+    assert [row.split("  ")[0] for row in rows] == [
+        "copy_ of the same bytes on the device (reference)",
+        "in-process (embedded engine)",
+        "HTTP + gloo broadcast (64 MB buckets)",
+        "colocated, shared memory (64 MB buckets)",
+    ]
+    for row in rows:
+        seconds, gbps = map(float, row.split()[-2:])
+        assert gbps == pytest.approx(4 * elements / seconds / 1e9, rel=0.01)
