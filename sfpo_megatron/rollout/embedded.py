@@ -107,8 +107,9 @@ class EmbeddedEngine:
             self.weights.resume()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
-        """``params.n`` independent samples per prompt, prompt-major; all rows of all prompts
-        are decoded as one left-padded batch (a seed reproduces samples for the same batch)."""
+        """``params.n`` independent samples per prompt, prompt-major; the rows are decoded
+        together as left-padded groups within the KV budget (a seed reproduces the samples of
+        the same prompts, weights and budget)."""
         if not self.health():
             raise RuntimeError("generate: no weights loaded yet; call update_weights first")
         if self.weights.released:
