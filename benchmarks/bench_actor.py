@@ -22,6 +22,7 @@ for the same config (GRPO: no SFPO snapshot), plan error = (plan - measured) / m
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -106,6 +107,21 @@ def device_name() -> str:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 0) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones, the
+    device synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        begin = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
 
 
 def gemm_peak_tflops(size: int, dtype: torch.dtype) -> float:

@@ -15,9 +15,7 @@ times; seconds are medians. tokens/s = batch x new tokens / seconds; ms/decode s
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from bench_actor import (
     device_name,
     resolve_dtype,
     shape_from_args,
-    synchronize,
+    timed,
     write_hf_config,
 )
 
@@ -59,18 +57,6 @@ def random_buckets(engine: EmbeddedEngine) -> Iterator[Bucket]:
     for name, param in engine.weights.views.items():
         tensor = torch.randn(param.shape, device=param.device, dtype=param.dtype) * 0.02
         yield [(name, tensor + 1 if "norm" in name else tensor)]
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` with the device synchronised around each call."""
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        begin = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:

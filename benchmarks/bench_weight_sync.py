@@ -15,14 +15,13 @@ the same bytes on the device (the memory-bandwidth bound of one read and one wri
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_actor import timed
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from sfpo_megatron.actor import Actor
@@ -37,30 +36,12 @@ from sfpo_megatron.sync.in_process import sync_in_process
 from sfpo_megatron.trainer import start
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        begin = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
 def copy_seconds(nbytes: int, repeats: int) -> float:
     """One read and one write of ``nbytes`` on the device: the bound of any sync."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = torch.empty(nbytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    return timed(lambda: target.copy_(source), repeats)
+    return timed(lambda: target.copy_(source), repeats, warmup=1)
 
 
 def in_process_seconds(actor, arch, directory: Path, dtype, version, args) -> float:
@@ -70,6 +51,7 @@ def in_process_seconds(actor, arch, directory: Path, dtype, version, args) -> fl
     return timed(
         lambda: sync_in_process(actor.chunks, arch, engine, next(version), args.bucket_mb),
         args.repeats,
+        warmup=1,
     )
 
 
@@ -84,7 +66,7 @@ def served_seconds(directory: Path, dtype: str, sync_with, repeats: int) -> floa
     try:
         client = SGLangClient(f"http://127.0.0.1:{port}")
         client.wait_healthy(300)
-        return timed(sync_with(client), repeats)
+        return timed(sync_with(client), repeats, warmup=1)
     finally:
         server.kill()
         server.wait()
