@@ -102,6 +102,20 @@ def free_ports(count: int = 1) -> int:
         return base
 
 
+def small_run(model_dir: Path, micro_batch_size: int = 2) -> list[str]:
+    """Overrides of a small fp32 run of ``model_dir`` sampling at temperature 0.8: 4 prompts x
+    2 samples, one mini-batch."""
+    return [
+        f"model.hf_config={model_dir}",
+        "model.dtype=fp32",
+        "rollout.temperature=0.8",
+        "train.prompts_per_step=4",
+        "train.samples_per_prompt=2",
+        "train.mini_batch_prompts=4",
+        f"train.micro_batch_size={micro_batch_size}",
+    ]
+
+
 def torchrun(
     nproc: int, script: Path, *args: str, timeout: int = 600
 ) -> subprocess.CompletedProcess:

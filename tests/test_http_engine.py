@@ -19,7 +19,14 @@ from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sgla
 from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
 from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
 
-from conftest import TESTS, free_ports, save_random_hf_model, start_embedded_server, torchrun
+from conftest import (
+    TESTS,
+    free_ports,
+    save_random_hf_model,
+    small_run,
+    start_embedded_server,
+    torchrun,
+)
 
 
 def start_server(model_dir, tmp_path, load_weights=False):
@@ -45,13 +52,7 @@ def test_trainer_syncs_generates_trains_and_syncs_again(model_dir, tmp_path, lay
             str(tmp_path / "r.json"),
             client.url,
             str(free_ports()),
-            f"model.hf_config={model_dir}",
-            "model.dtype=fp32",
-            "rollout.temperature=0.8",
-            "train.prompts_per_step=4",
-            "train.samples_per_prompt=2",
-            "train.mini_batch_prompts=4",
-            "train.micro_batch_size=2",
+            *small_run(model_dir),
             *layout_args,
             timeout=300,
         )

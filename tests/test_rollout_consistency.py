@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_hf_checkpoint import save_random_hf_model
 
-from conftest import TESTS, torchrun
+from conftest import TESTS, small_run, torchrun
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2"]])
@@ -17,13 +17,7 @@ def test_rollout_logprobs_equal_actor_logprobs(tmp_path, layout):
         2,
         TESTS / "dist" / "rollout_worker.py",
         str(tmp_path / "r.pt"),
-        f"model.hf_config={tmp_path / 'm'}",
-        "model.dtype=fp32",
-        "rollout.temperature=0.8",
-        "train.prompts_per_step=4",
-        "train.samples_per_prompt=2",
-        "train.mini_batch_prompts=4",
-        "train.micro_batch_size=4",
+        *small_run(tmp_path / "m", micro_batch_size=4),
         *layout,
     )
     r = torch.load(tmp_path / "r.pt")
