@@ -132,9 +132,9 @@ def test_bench_iteration_tiny_cpu(tmp_path):
     parts = [float(r["SFPO ms"]) for name, r in rows.items() if name != "whole iteration"]
     assert 0 < sum(parts) <= whole
     assert rows["whole iteration"]["% of SFPO iteration"] == "100.00"
-    for row in rows.values():  # ms are printed to 0.05, shares to 0.005
+    for row in rows.values():  # ms (the row's and the whole's) to 0.05, shares to 0.005
         share = 100 * float(row["SFPO ms"]) / whole
-        assert float(row["% of SFPO iteration"]) == pytest.approx(share, abs=5 / whole + 0.006)
+        assert float(row["% of SFPO iteration"]) == pytest.approx(share, abs=10 / whole + 0.006)
     for algorithm in ("grpo", "sfpo"):
         assert (tmp_path / algorithm / "metrics.jsonl").is_file()
     assert "SFPO's own cost (snapshot + reposition):" in out
