@@ -7,25 +7,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-import torch.distributed as dist
-
 from sfpo_megatron.data import BatchItem
 from sfpo_megatron.experience import ScoredGroups
 from sfpo_megatron.rewards import RewardComputer
 from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
 from sfpo_megatron.rollout.sglang_client import RolloutError
+from sfpo_megatron.sync.distributed import on_lead
 
 
 def solved(reward: float) -> bool:
     """A sample counts as correct (accuracy, avg@k) when it earns the full reward."""
     return reward >= 1.0
-
-
-def from_rank0(value: object) -> object:
-    """Rank 0's ``value`` on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class RolloutScorer:
@@ -61,16 +53,7 @@ class RolloutScorer:
     def _sample_once(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
-        result: object = None
-        if dist.get_rank() == 0:
-            try:
-                result = self._sample_here(items, params)
-            except RolloutError as error:
-                result = error
-        result = from_rank0(result)
-        if isinstance(result, RolloutError):
-            raise RolloutError(str(result))
-        return result
+        return on_lead(lambda: self._sample_here(items, params))
 
     def _sample_here(
         self, items: list[BatchItem], params: SamplingParams

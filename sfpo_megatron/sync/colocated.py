@@ -237,7 +237,12 @@ class ColocatedSync:
 
     def _on_engines(self, call: Callable[[SGLangClient], object]) -> None:
         """Global rank 0 makes ``call`` on every engine; a failure raises on every rank."""
-        on_lead(lambda: [call(client) for client in self.clients])
+
+        def on_every_engine() -> None:
+            for client in self.clients:
+                call(client)
+
+        on_lead(on_every_engine)
 
     def _next_bucket(
         self, stream: Iterator | None, stage: int, stages: int

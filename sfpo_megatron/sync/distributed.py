@@ -37,19 +37,20 @@ def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
         yield previous, True
 
 
-def on_lead(calls: Callable[[], object]) -> None:
-    """Collective: global rank 0 makes the control ``calls``; if they fail, every rank raises
-    :class:`RolloutError` (no rank is left waiting at a barrier for a dead server)."""
-    error = None
+def on_lead(call: Callable[[], T]) -> T:
+    """Collective: global rank 0 makes ``call`` and every rank receives what it returned; if it
+    fails with :class:`RolloutError`, every rank raises it (no rank is left waiting in a
+    collective for a dead server)."""
+    outcome: list = [None]
     if dist.get_rank() == 0:
         try:
-            calls()
+            outcome[0] = call()
         except RolloutError as failure:
-            error = str(failure)
-    outcome = [error]
+            outcome[0] = failure
     dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise RolloutError(outcome[0])
+    if isinstance(outcome[0], RolloutError):
+        raise RolloutError(str(outcome[0]))
+    return outcome[0]
 
 
 @contextmanager
