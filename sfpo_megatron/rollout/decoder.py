@@ -116,7 +116,7 @@ class StaticDecoder:
 
     def kv_bytes(self, rows: int, positions: int) -> int:
         """Bytes of the KV cache :meth:`prefill` allocates for ``rows`` x ``positions``."""
-        a, length = self.arch, -(-positions // SPAN) * SPAN
+        a, length = self.arch, _spans(positions)
         per_position = 2 * a.num_layers * a.num_query_groups * a.head_dim * self.dtype.itemsize
         return rows * length * per_position
 
@@ -155,7 +155,7 @@ class StaticDecoder:
         slot = cache.slot_host
         cache.token.copy_(tokens)
         cache.valid[:, slot] = True
-        span = min(cache.shape[1], -(-(slot + 1) // SPAN) * SPAN)
+        span = min(cache.shape[1], _spans(slot + 1))
         if self.cuda_graphs:
             self._replay(cache, span)
         else:
@@ -171,7 +171,7 @@ class StaticDecoder:
         if old is not None and old.shape[0] == batch and old.shape[1] >= length:
             return old
         self._cache = None
-        length = -(-length // SPAN) * SPAN
+        length = _spans(length)
         a, dev = self.arch, self.device
         kv = (batch, a.num_query_groups, length, a.head_dim)
         positions = torch.arange(length, dtype=torch.float32)
@@ -290,6 +290,11 @@ class StaticDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(x, self.w.views["model.norm.weight"], self.arch.norm_eps)
         return F.linear(h, self.w.lm_head)
+
+
+def _spans(positions: int) -> int:
+    """``positions`` rounded up to whole attention spans."""
+    return -(-positions // SPAN) * SPAN
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
