@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import TypeVar
 
 from sfpo_megatron.data import BatchItem
 from sfpo_megatron.experience import ScoredGroups
@@ -14,10 +15,23 @@ from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
 from sfpo_megatron.rollout.sglang_client import RolloutError
 from sfpo_megatron.sync.distributed import on_lead
 
+T = TypeVar("T")
+
 
 def solved(reward: float) -> bool:
     """A sample counts as correct (accuracy, avg@k) when it earns the full reward."""
     return reward >= 1.0
+
+
+def retried(action: Callable[[], T], recover: Callable[[], bool]) -> T:
+    """``action``, and once more after a :class:`RolloutError` if ``recover()`` (collective)
+    brought the rollout engines back; else the error is raised."""
+    try:
+        return action()
+    except RolloutError:
+        if not recover():
+            raise
+    return action()
 
 
 class RolloutScorer:
@@ -43,17 +57,7 @@ class RolloutScorer:
         """Collective. A rollout failure on rank 0 reaches every rank (none is left waiting for
         samples that never come); the batch is sampled once more if ``recover()`` (collective)
         brought the engine back, else :class:`RolloutError` is raised everywhere."""
-        try:
-            return self._sample_once(items, params)
-        except RolloutError:
-            if not self.recover():
-                raise
-        return self._sample_once(items, params)
-
-    def _sample_once(
-        self, items: list[BatchItem], params: SamplingParams
-    ) -> tuple[ScoredGroups, dict[str, float]]:
-        return on_lead(lambda: self._sample_here(items, params))
+        return retried(lambda: on_lead(lambda: self._sample_here(items, params)), self.recover)
 
     def _sample_here(
         self, items: list[BatchItem], params: SamplingParams

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import NoReturn
@@ -38,8 +37,7 @@ from sfpo_megatron.reference import ReferencePolicy
 from sfpo_megatron.rewards import RewardComputer, load_reward_fn
 from sfpo_megatron.rollout.backends import build_backend
 from sfpo_megatron.rollout.base import SamplingParams
-from sfpo_megatron.rollout.sglang_client import RolloutError
-from sfpo_megatron.rollouts import RolloutScorer
+from sfpo_megatron.rollouts import RolloutScorer, retried
 from sfpo_megatron.stop_request import StopRequest
 from sfpo_megatron.warm_start import warm_start
 
@@ -203,30 +201,25 @@ class Session:
 
     def sync(self, version: int) -> None:
         """Push the actor's weights into the engine (collective)."""
-        self._retried(lambda: self.rollout.sync(self.actor.chunks, version))
+        retried(lambda: self.rollout.sync(self.actor.chunks, version), self._restarted)
 
     def release_rollout_memory(self) -> None:
         """Before training: the engine's accelerator memory goes to the actor (collective)."""
-        self._retried(self.rollout.release)
+        retried(self.rollout.release, self._restarted)
 
-    def _retried(self, action: Callable[[], None]) -> None:
-        """``action``, once more after a rollout failure if a dead server was restarted."""
-        try:
-            action()
-        except RolloutError:
-            if not self.rollout.recover():
-                raise
-            if self.rank0:
-                print("a rollout server died and was restarted", flush=True)
-            action()
+    def _restarted(self) -> bool:
+        """After a rollout failure (collective): whether a dead server was restarted."""
+        if not self.rollout.recover():
+            return False
+        if self.rank0:
+            print("a rollout server died and was restarted", flush=True)
+        return True
 
     def _recover(self) -> bool:
         """After a failed batch (collective): restart dead servers and give them the current
         weights; True when the batch may be sampled again."""
-        if not self.rollout.recover():
+        if not self._restarted():
             return False
-        if self.rank0:
-            print(f"a rollout server died and was restarted with weight version {self.iteration}")
         self.sync(version=self.iteration)
         return True
 
