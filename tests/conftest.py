@@ -198,3 +198,39 @@ def srun_env(rank: int, ranks: int, port: int) -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(key, None)
     return env
+
+
+_CHECKOUT_KEY = pytest.StashKey[set[str] | None]()
+
+
+def _checkout_files() -> set[str] | None:
+    """Untracked and ignored files of the checkout (bytecode caches and the built extension
+    aside); None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if "__pycache__/" not in p and not p.endswith((".so", ".pyc"))}
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_CHECKOUT_KEY] = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must write nothing into the source tree: new files there fail the run."""
+    before = session.config.stash.get(_CHECKOUT_KEY, None)
+    after = _checkout_files()
+    if before is None or after is None:
+        return
+    written = sorted(after - before)
+    if written:
+        print(f"\nthe test suite wrote into the checkout {REPO}: {', '.join(written)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -3,11 +3,16 @@ trains and evaluates on it: it shows learning, not generalisation), and the
 character tokenizer and config of the tiny model that learns them
 (examples/models/tiny-digits).
 
-    python examples/tasks/digits/make_task.py   # rewrites the shipped files identically
+    python examples/tasks/digits/make_task.py   # rewrites the shipped files
+    python examples/tasks/digits/make_task.py --task-dir OUT/task --model-dir OUT/model
+
+Regenerated files equal the shipped ones except for the ``transformers_version`` stamp that
+``save_pretrained`` writes into ``config.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -77,13 +82,25 @@ def save_model_config(directory: Path) -> None:
     ).save_pretrained(directory)
 
 
-def main() -> None:
+def write_task(task_dir: Path, model_dir: Path) -> None:
+    """problems.jsonl into ``task_dir``; the tokenizer and config.json into ``model_dir``."""
     rows = problems()
     random.Random(SEED).shuffle(rows)
-    write_jsonl(HERE / "problems.jsonl", rows)
-    save_tokenizer(MODEL_DIR)
-    save_model_config(MODEL_DIR)
-    print(f"{len(rows)} problems; tokenizer and model config in {MODEL_DIR}")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(task_dir / "problems.jsonl", rows)
+    save_tokenizer(model_dir)
+    save_model_config(model_dir)
+    print(f"{len(rows)} problems in {task_dir}; tokenizer and model config in {model_dir}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task-dir", type=Path, default=HERE, help="where problems.jsonl goes")
+    parser.add_argument(
+        "--model-dir", type=Path, default=MODEL_DIR, help="where the tokenizer and config go"
+    )
+    args = parser.parse_args()
+    write_task(args.task_dir, args.model_dir)
 
 
 if __name__ == "__main__":
