@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from sfpo_megatron.checkpoint_io.hf_import import CheckpointError
     from sfpo_megatron.data import DataError
     from sfpo_megatron.models.arch import UnsupportedModelError
+    from sfpo_megatron.rewards import RewardFailure
     from sfpo_megatron.stop_request import EXIT_STATUS, StopRequested
     from sfpo_megatron.trainer import export_hf, train
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             export_hf(cfg, args.out)
     except StopRequested:
         return EXIT_STATUS
+    except RewardFailure as error:  # found while running: not a config error
+        print(f"sfpo-megatron: {error}", file=sys.stderr)
+        return 1
     except (
         ConfigError,
         CheckpointError,

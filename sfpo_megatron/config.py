@@ -161,6 +161,9 @@ class DataConfig:
     source_key: str = "data_source"
     skip_malformed: bool = False
     """False: a malformed row stops the run with its file and line; true: skip and count."""
+    require_answer: bool = True
+    """A row without ``answer_key`` (missing, null or NaN) is malformed; false: its answer is
+    ``""`` (for reward functions that need no reference)."""
     tokenizer: str | None = None
     """Tokenizer directory; None = the model's ``hf_config`` directory."""
     use_chat_template: bool = True
@@ -172,11 +175,16 @@ class DataConfig:
 class RewardConfig:
     fn: str = "math"
     """``math`` (boxed answer, math-verify equivalence), ``module:function`` or
-    ``path/file.py:function`` called as fn(response, answer, source) -> float."""
+    ``path/file.py:function`` called as fn(response, answer, source) -> float; checked and
+    called once on the first training row before the run starts."""
     workers: int = 2
     """Reward processes (0 = in the trainer's process)."""
     timeout_s: float = 10.0
     """Per sample: a slower reward function scores 0 and is counted."""
+    max_error_fraction: float = 1.0
+    """Stop the run when at least this share of one sampling round's samples (and at least
+    one) hit a reward error (a raise, a non-number, a dead worker); 1.0: only when every one
+    did, 0: at the first. Timeouts are counted apart (``reward_timeouts``) and never stop it."""
 
 
 @dataclass

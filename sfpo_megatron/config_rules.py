@@ -143,6 +143,10 @@ def validate(cfg: Config) -> None:
     _require(r.kv_cache_gb > 0, f"rollout.kv_cache_gb={r.kv_cache_gb} must be > 0")
     _require(cfg.reward.workers >= 0, f"reward.workers={cfg.reward.workers} must be >= 0")
     _require(cfg.reward.timeout_s > 0, f"reward.timeout_s={cfg.reward.timeout_s} must be > 0")
+    _require(
+        0 <= cfg.reward.max_error_fraction <= 1,
+        f"reward.max_error_fraction={cfg.reward.max_error_fraction} must be in [0, 1]",
+    )
     e = cfg.eval
     _require(e.interval >= 0, f"eval.interval={e.interval} must be >= 0")
     _require(e.interval == 0 or bool(e.files), "eval.interval > 0 needs eval.files")

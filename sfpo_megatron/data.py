@@ -31,7 +31,7 @@ class PromptRecord:
     prompt: Prompt
     """Plain text, or chat messages ``[{"role": ..., "content": ...}, ...]``."""
     answer: str
-    """Reference answer; ``""`` when the file has none."""
+    """Reference answer; ``""`` when the row has none (only with ``require_answer=False``)."""
     source: str
     """Data-source tag (per-source metrics); the file stem when the row has none."""
     row: int
@@ -91,15 +91,29 @@ def _parse_prompt(value: Any, key: str) -> Prompt:
     return messages
 
 
-def _parse_answer(value: Any, key: str) -> str:
-    """Answers may be numbers in the file (``42``); the verifier compares strings."""
+def _parse_answer(value: Any, key: str, required: bool) -> str:
+    """The reference answer as the string a verifier compares. Numbers in the file become
+    text: an integer, or an integral float (Parquet float columns, JSON ``4.0``), as ``"4"``;
+    any other float as its shortest repr (``"0.5"``). A missing, null or NaN answer is an
+    error unless ``required`` is false (then ``""``)."""
+    if isinstance(value, float) and math.isnan(value):
+        value = None
     if value is None:
+        if required:
+            raise ValueError(
+                f"answer {key!r} is missing or null (data.answer_key names the field; "
+                "data.require_answer=false accepts rows without one)"
+            )
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"answer {key!r} is not finite: {value}")
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"answer {key!r} is not finite: {value}")
+            if value.is_integer() and abs(value) < 2**53:  # exactly an integer
+                return str(int(value))
+            return repr(value)
         return str(value)
     raise ValueError(f"answer {key!r} must be a string or a number, got {_kind(value)}")
 
@@ -109,16 +123,21 @@ def _kind(value: Any) -> str:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line number, parsed JSON or the exception)``; blank lines are not rows."""
+    """Yield ``(line number, parsed JSON or a ValueError saying why not)``; blank lines are
+    not rows. A line that is not UTF-8 is named by its first bad byte and where it is."""
+    offset = 0  # of the line in the file, in bytes
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
-                if not text.strip():
-                    continue
-                yield lineno, json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                yield lineno, exc
+                if text.strip():
+                    yield lineno, json.loads(text)
+            except UnicodeDecodeError as exc:
+                where = f"byte {exc.start} of the line, {offset + exc.start} of the file"
+                yield lineno, ValueError(f"not UTF-8: byte 0x{raw[exc.start]:02x} at {where}")
+            except json.JSONDecodeError as exc:
+                yield lineno, ValueError(f"invalid JSON: {exc}")
+            offset += len(raw)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -139,12 +158,15 @@ def load_prompts(
     answer_key: str = "answer",
     source_key: str = "data_source",
     skip_malformed: bool = False,
+    require_answer: bool = True,
 ) -> tuple[list[PromptRecord], dict[str, int]]:
     """Read prompt records from ``.jsonl`` / ``.parquet`` files, in order.
 
     Keys may be dotted paths into nested objects. Returns the records and the counts
     ``{"rows_read", "malformed_skipped"}``. An empty file list, or a file without one usable
-    row, is an error: an empty dataset must never silently train on nothing.
+    row, is an error: an empty dataset must never silently train on nothing. A row without an
+    answer is malformed unless ``require_answer`` is false (reward functions that need no
+    reference).
     """
     if not paths:
         raise DataError("no prompt files given")
@@ -165,8 +187,8 @@ def load_prompts(
         for row_no, row in rows:
             read += 1
             try:
-                if isinstance(row, Exception):
-                    raise ValueError(f"invalid JSON: {row}")
+                if isinstance(row, ValueError):
+                    raise row
                 if not isinstance(row, dict):
                     raise ValueError(f"row must be an object, got {_kind(row)}")
                 source = _lookup(row, source_key)
@@ -174,7 +196,7 @@ def load_prompts(
                     raise ValueError(f"{source_key!r} must be a string, got {_kind(source)}")
                 record = PromptRecord(
                     prompt=_parse_prompt(_lookup(row, prompt_key), prompt_key),
-                    answer=_parse_answer(_lookup(row, answer_key), answer_key),
+                    answer=_parse_answer(_lookup(row, answer_key), answer_key, require_answer),
                     source=source or path.stem,
                     row=row_no,
                     path=name,

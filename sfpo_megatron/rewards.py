@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import multiprocessing
@@ -30,6 +31,7 @@ from math_verify.errors import TimeoutException
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str, str], float]
+REWARD_SIGNATURE = "fn(response: str, answer: str, source: str) -> float"
 
 _MATH_VERIFY_TIMEOUT_S = 3  # per math_verify parse/compare; an int, as its signal.alarm needs
 _KILL_GRACE_S = 1.0  # a pool worker gets this long past timeout_s before it is killed
@@ -43,6 +45,11 @@ class RewardWarning(UserWarning):
 
 class RewardTimeoutWarning(RewardWarning):
     """As RewardWarning, for a time limit; RewardComputer counts it a timeout."""
+
+
+class RewardFailure(RuntimeError):
+    """Too many samples of one sampling round hit reward errors (``reward.max_error_fraction``):
+    the run would train on zeros."""
 
 
 class _SampleTimeout(BaseException):
@@ -92,7 +99,8 @@ def math_reward(response: str, answer: str, source: str) -> float:
 
 def load_reward_fn(spec: str) -> RewardFn:
     """The reward function of a spec: "math" (math_reward), "module:function" or
-    "path/to/file.py:function"; errors name the spec and what failed."""
+    "path/to/file.py:function"; errors name the spec and what failed. A function that cannot
+    be called as :data:`REWARD_SIGNATURE` is a TypeError."""
     if spec == "math":
         return math_reward
     target, _, name = spec.rpartition(":")
@@ -107,6 +115,16 @@ def load_reward_fn(spec: str) -> RewardFn:
     fn = getattr(module, name)
     if not callable(fn):
         raise TypeError(f"reward spec {spec!r}: {name!r} is a {type(fn).__name__}, not callable")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some C callables have none to inspect
+        return fn
+    try:
+        signature.bind("response", "answer", "source")
+    except TypeError as e:
+        raise TypeError(
+            f"reward spec {spec!r}: {name}{signature} cannot be called as {REWARD_SIGNATURE}: {e}"
+        ) from None
     return fn
 
 
@@ -141,35 +159,60 @@ def _alarm(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _score_one(fn: RewardFn, timeout_s: float, *sample: str) -> tuple[float, str]:
-    """(reward, "ok" | "error" | "timeout") for one sample; never raises but KeyboardInterrupt."""
+def _call(fn: RewardFn, timeout_s: float, *sample: str) -> tuple[float, str, str]:
+    """(reward, "ok" | "error" | "timeout", why it is not ok) for one sample; never raises but
+    KeyboardInterrupt."""
     start = time.monotonic()
     try:
         with _alarm(timeout_s), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RewardWarning)
             value = fn(*sample)
     except _SampleTimeout:
-        logger.warning("reward function ran past %.1f s; reward 0.0", timeout_s)
-        return 0.0, "timeout"
+        return 0.0, "timeout", f"ran past {timeout_s:.1f} s"
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # SystemExit too: it must not end a pool worker or the trainer
-        logger.warning("reward function raised %s: %s; reward 0.0", type(e).__name__, e)
-        return 0.0, "error"
-    status = "ok"
+        return 0.0, "error", f"raised {type(e).__name__}: {e}"
+    status, why = "ok", ""
     for w in caught:
         if issubclass(w.category, RewardWarning):
-            logger.warning("reward function: %s; reward 0.0", w.message)
             status = "timeout" if issubclass(w.category, RewardTimeoutWarning) else "error"
+            why = f"warned: {w.message}"
         else:  # not ours to swallow
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if time.monotonic() - start > timeout_s:  # the alarm could not interrupt it
-        logger.warning("reward function ran past %.1f s; reward 0.0", timeout_s)
-        return 0.0, "timeout"
+        return 0.0, "timeout", f"ran past {timeout_s:.1f} s"
     if status == "ok" and not (isinstance(value, numbers.Real) and math.isfinite(value)):
-        logger.warning("reward function returned %r, not a finite number; reward 0.0", value)
-        status = "error"
-    return (float(value), status) if status == "ok" else (0.0, status)
+        return 0.0, "error", f"returned {value!r}, not a finite number"
+    return (float(value), "ok", "") if status == "ok" else (0.0, status, why)
+
+
+def _score_one(fn: RewardFn, timeout_s: float, *sample: str) -> tuple[float, str]:
+    """(reward, "ok" | "error" | "timeout") for one sample, a warning logged when not ok."""
+    reward, status, why = _call(fn, timeout_s, *sample)
+    if status != "ok":
+        logger.warning("reward function %s; reward 0.0", why)
+    return reward, status
+
+
+def probe_reward_fn(fn: RewardFn, timeout_s: float, answer: str, source: str) -> str | None:
+    """Why ``fn`` fails when called once as the trainer will call it, with the reference
+    ``answer`` as the response (a raise, a warning, a non-number, past ``timeout_s``), or
+    None when it returns a finite number."""
+    _, status, why = _call(fn, timeout_s, answer, answer, source)
+    return None if status == "ok" else why
+
+
+def check_error_fraction(errors: int, samples: int, max_fraction: float, spec: str) -> None:
+    """:class:`RewardFailure` when ``errors`` of ``samples`` (at least one) reach
+    ``max_fraction`` of them."""
+    if errors and errors >= max_fraction * samples:
+        raise RewardFailure(
+            f"{errors} of {samples} samples of this sampling round hit a reward error in "
+            f"reward.fn={spec!r} (the warnings above say why), reaching "
+            f"reward.max_error_fraction={max_fraction:g}: stopping rather than training on "
+            "zeros"
+        )
 
 
 _worker: dict[str, Any] = {}  # this pool worker's reward function, limit and start-report queue

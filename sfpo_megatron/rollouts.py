@@ -8,9 +8,16 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TypeVar
 
-from sfpo_megatron.data import BatchItem
+from sfpo_megatron.config_rules import ConfigError
+from sfpo_megatron.data import BatchItem, PromptRecord
 from sfpo_megatron.experience import ScoredGroups
-from sfpo_megatron.rewards import RewardComputer
+from sfpo_megatron.rewards import (
+    REWARD_SIGNATURE,
+    RewardComputer,
+    RewardFn,
+    check_error_fraction,
+    probe_reward_fn,
+)
 from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
 from sfpo_megatron.rollout.sglang_client import RolloutError
 from sfpo_megatron.sync.distributed import on_lead
@@ -34,11 +41,24 @@ def retried(action: Callable[[], T], recover: Callable[[], bool]) -> T:
     return action()
 
 
+def check_reward_fn(spec: str, fn: RewardFn, timeout_s: float, record: PromptRecord) -> None:
+    """Collective, before the run starts: rank 0 calls the reward function once on ``record``
+    (its answer as the response); if that fails, every rank raises :class:`ConfigError`."""
+    problem = on_lead(lambda: probe_reward_fn(fn, timeout_s, record.answer, record.source))
+    if problem is not None:
+        raise ConfigError(
+            f"reward.fn={spec!r} {problem} when called on {record.where} (its answer as the "
+            f"response; reward.timeout_s={timeout_s:g}). The trainer calls {REWARD_SIGNATURE}."
+        )
+
+
 class RolloutScorer:
     """Generates ``n`` samples per prompt and scores them against the reference answers.
 
     Only rank 0 holds ``engine``, ``decode`` and ``rewards`` (None elsewhere); :meth:`sample` is
-    collective and returns identical results on every rank.
+    collective and returns identical results on every rank. A round whose reward errors reach
+    ``max_error_fraction`` of its samples raises :class:`~sfpo_megatron.rewards.RewardFailure`
+    on every rank (``reward_spec`` names the function).
     """
 
     def __init__(
@@ -47,17 +67,27 @@ class RolloutScorer:
         decode: Callable[[list[int]], str] | None,
         rewards: RewardComputer | None,
         recover: Callable[[], bool] = lambda: False,
+        reward_spec: str = "",
+        max_error_fraction: float = 1.0,
     ) -> None:
         self.engine, self.decode, self.rewards = engine, decode, rewards
         self.recover = recover
+        self.reward_spec, self.max_error_fraction = reward_spec, max_error_fraction
 
     def sample(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
         """Collective. A rollout failure on rank 0 reaches every rank (none is left waiting for
         samples that never come); the batch is sampled once more if ``recover()`` (collective)
-        brought the engine back, else :class:`RolloutError` is raised everywhere."""
-        return retried(lambda: on_lead(lambda: self._sample_here(items, params)), self.recover)
+        brought the engine back, else :class:`RolloutError` is raised everywhere. Too many
+        reward errors raise :class:`~sfpo_megatron.rewards.RewardFailure` everywhere."""
+        scored, stats = retried(
+            lambda: on_lead(lambda: self._sample_here(items, params)), self.recover
+        )
+        # The same stats on every rank, so every rank stops here together.
+        errors, samples = int(stats["reward_errors"]), len(scored.rewards)
+        check_error_fraction(errors, samples, self.max_error_fraction, self.reward_spec)
+        return scored, stats
 
     def _sample_here(
         self, items: list[BatchItem], params: SamplingParams

@@ -37,8 +37,9 @@ from sfpo_megatron.reference import ReferencePolicy
 from sfpo_megatron.rewards import RewardComputer, load_reward_fn
 from sfpo_megatron.rollout.backends import build_backend
 from sfpo_megatron.rollout.base import SamplingParams
-from sfpo_megatron.rollouts import RolloutScorer, retried
+from sfpo_megatron.rollouts import RolloutScorer, check_reward_fn, retried
 from sfpo_megatron.stop_request import StopRequest
+from sfpo_megatron.tokenizer_check import check_tokenizer
 from sfpo_megatron.warm_start import warm_start
 
 
@@ -50,10 +51,11 @@ class Session:
         self.rank0 = dist.get_rank() == 0
         self._resources = ExitStack()
         try:  # on every rank, so a bad spec stops all of them at once
-            load_reward_fn(cfg.reward.fn)
+            reward_fn = load_reward_fn(cfg.reward.fn)
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             raise ConfigError(f"reward.fn: {error}") from error
-        tokenizer = load_tokenizer(cfg.data.tokenizer or str(hf_directory(cfg.model.hf_config)))
+        tokenizer_dir = cfg.data.tokenizer or str(hf_directory(cfg.model.hf_config))
+        tokenizer = load_tokenizer(tokenizer_dir)
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"the tokenizer of {tokenizer.name_or_path} has no eos token")
         self.tokenizer = tokenizer
@@ -68,6 +70,8 @@ class Session:
                 (i, eval_set.token_ids[i], eval_set.records[i]) for i in range(len(eval_set))
             ]
         self._encode = encode
+        check_tokenizer(tokenizer, tokenizer_dir, arch.vocab_size, self.prompts)
+        check_reward_fn(cfg.reward.fn, reward_fn, cfg.reward.timeout_s, self.prompts.records[0])
 
         self.actor = Actor.build(cfg, arch, checkpoint)
         # The reference is the model as built (HF weights or the seeded random init), before
@@ -82,7 +86,12 @@ class Session:
                 RewardComputer(cfg.reward.fn, cfg.reward.workers, cfg.reward.timeout_s)
             )
         self.scorer = RolloutScorer(
-            self.rollout.engine, self._decode if self.rank0 else None, rewards, self._recover
+            self.rollout.engine,
+            self._decode if self.rank0 else None,
+            rewards,
+            self._recover,
+            cfg.reward.fn,
+            cfg.reward.max_error_fraction,
         )
         self.checkpoints = (
             CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.async_save)
@@ -99,7 +108,7 @@ class Session:
     def _prompt_set(self, role: str, files: list[str], encode: Encoder) -> PromptSet:
         d = self.cfg.data
         records, counts = load_prompts(
-            files, d.prompt_key, d.answer_key, d.source_key, d.skip_malformed
+            files, d.prompt_key, d.answer_key, d.source_key, d.skip_malformed, d.require_answer
         )
         prompts = PromptSet(records, encode, d.max_prompt_length, d.seed)
         if self.rank0:

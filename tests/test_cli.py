@@ -167,14 +167,16 @@ def test_empty_dataset_and_all_prompts_too_long_are_errors(tmp_path):
 
 
 def test_dataset_smaller_than_a_batch_repeats_prompts(tmp_path):
-    """One prompt and two prompts per step: the batch wraps into the next epoch."""
-    data = write_rows(tmp_path / "one.jsonl", [GOOD])
+    """One prompt and two prompts per step: the batch wraps into the next epoch. The row has
+    no answer, which data.require_answer=false accepts (as "")."""
+    data = write_rows(tmp_path / "one.jsonl", [{"prompt": "1+2="}])
     proc = run_cli(
         "train",
         str(CONFIG),
         *QUICK,
         "train.iterations=2",
         f"data.train_files=[{data}]",
+        "data.require_answer=false",
         f"logging.output_dir={tmp_path / 'log'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,7 +187,7 @@ def test_raising_reward_function_scores_zero_and_is_counted(tmp_path):
     reward = tmp_path / "reward.py"
     reward.write_text(
         "def flaky(response, answer, source):\n"
-        "    if len(response) % 2:\n"
+        "    if len(response) % 2 == 0:  # the one-digit answers pass the start-up probe\n"
         "        raise RuntimeError('bad sample')\n"
         "    return 1.0\n"
     )
@@ -208,3 +210,65 @@ def test_raising_reward_function_scores_zero_and_is_counted(tmp_path):
 def test_bad_reward_spec_exits_2(tmp_path):
     proc = run_cli("train", str(CONFIG), *QUICK, f"reward.fn={tmp_path / 'none.py'}:fn")
     assert proc.returncode == 2 and "reward.fn" in proc.stderr
+
+
+def test_bad_inputs_exit_2_before_training(tmp_path):
+    """A reward function of the wrong signature or failing its one call, a tokenizer that does
+    not round-trip the prompts: exit 2, naming what to fix (a row without an answer is a
+    DataError like any malformed row: test_data.py, and the exit code above)."""
+    quick = [*QUICK, "train.iterations=1", f"logging.output_dir={tmp_path / 'log'}"]
+    two_args = tmp_path / "two.py"
+    two_args.write_text("def fn(response, answer):\n    return 1.0\n")
+    proc = run_cli("train", str(CONFIG), *quick, f"reward.fn={two_args}:fn")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "reward.fn" in proc.stderr and "fn(response, answer) cannot be called as" in proc.stderr
+    assert "fn(response: str, answer: str, source: str) -> float" in proc.stderr
+
+    raising = tmp_path / "raising.py"
+    raising.write_text("def fn(response, answer, source):\n    raise KeyError('score')\n")
+    proc = run_cli("train", str(CONFIG), *quick, f"reward.fn={raising}:fn")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "raised KeyError: 'score' when called on" in proc.stderr
+    assert "problems.jsonl, line 1" in proc.stderr
+
+    from test_tokenizer_check import word_level_beside_qwen2
+
+    model = word_level_beside_qwen2(tmp_path / "model")
+    data = write_rows(tmp_path / "sort.jsonl", [{"prompt": "sort 3 9 1 4 =", "answer": "1 3 4 9"}])
+    proc = run_cli(
+        "train", str(CONFIG), *quick, f"model.hf_config={model}", f"data.train_files=[{data}]"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the tokenizer loaded from {model} (Qwen2Tokenizer)" in proc.stderr
+    assert "point data.tokenizer at" in proc.stderr
+
+
+def test_reward_errors_past_the_limit_stop_every_rank(tmp_path):
+    """A function that passes the start-up probe (the answer as the response) but raises on
+    other responses: with reward.max_error_fraction=0 the first round stops both ranks."""
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def picky(response, answer, source):\n"
+        "    if response != answer:\n"
+        "        raise ValueError('cannot score')\n"
+        "    return 1.0\n"
+    )
+    port = free_ports()
+    args = [*QUICK, "train.iterations=2", "parallel.tensor=2", "parallel.timeout_s=120"]
+    args.append(f"logging.output_dir={tmp_path / 'log'}")
+    args += [f"reward.fn={reward}:picky", "reward.max_error_fraction=0"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sfpo_megatron.cli", "train", str(CONFIG), *args],
+            env=srun_env(rank, 2, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errors[0][-3000:]
+    for stderr in errors:
+        assert "samples of this sampling round hit a reward error in reward.fn=" in stderr
+        assert "reward.max_error_fraction=0:" in stderr and "Traceback" not in stderr

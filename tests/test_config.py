@@ -75,6 +75,8 @@ def test_unknown_key_suggests_the_close_one(model_dir):
         ),
         (["algorithm.clip_eps_high=0.1"], "algorithm.clip_eps_high"),
         (["rollout.temperature=0"], "rollout.temperature"),
+        (["reward.max_error_fraction=1.5"], "reward.max_error_fraction=1.5 must be in"),
+        (["reward.max_error_fraction=-0.1"], "reward.max_error_fraction=-0.1"),
         (["checkpoint.interval=5"], "checkpoint.interval"),
         (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
         (["checkpoint.stop_signals=[USR1, FOO]"], "checkpoint.stop_signals: 'FOO' is not a signal"),

@@ -48,16 +48,43 @@ def test_load_jsonl_fields_and_counts(tmp_path):
             {"prompt": "1+1?", "answer": 2, "data_source": "arith"},
             "",  # blank lines are not rows but still count for line numbers
             {"prompt": chat, "answer": "4", "extra": [1]},
-            {"prompt": "no answer"},
             {"prompt": "float", "answer": 0.5},
         ],
     )
     recs, counts = load_prompts([path])
-    assert counts == {"rows_read": 4, "malformed_skipped": 0}
-    assert [r.row for r in recs] == [1, 3, 4, 5]
+    assert counts == {"rows_read": 3, "malformed_skipped": 0}
+    assert [r.row for r in recs] == [1, 3, 4]
     assert recs[0] == PromptRecord("1+1?", "2", "arith", 1, path)
     assert recs[1].prompt == chat and recs[1].source == "gsm"
-    assert recs[2].answer == "" and recs[3].answer == "0.5"
+    assert recs[2].answer == "0.5"
+
+
+@pytest.mark.parametrize(
+    "answer, text",
+    [(4.0, "4"), (-0.0, "0"), (0.5, "0.5"), (1 / 3, "0.3333333333333333"), (1e20, "1e+20")]
+    + [(7, "7"), (2**60, str(2**60)), ("4.0", "4.0")],
+)
+def test_numeric_answers_become_their_plain_text(tmp_path, answer, text):
+    """An integral float (a Parquet float column, JSON 4.0) is written as the integer, any
+    other float as its shortest repr; strings stay as they are."""
+    path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "q", "answer": answer}])
+    assert load_prompts([path])[0][0].answer == text
+
+
+def test_a_row_without_an_answer_is_malformed_unless_not_required(tmp_path):
+    lines = [{"prompt": "a", "answer": "1"}, {"prompt": "b"}, {"prompt": "c", "answer": None}]
+    lines.append('{"prompt": "d", "answer": NaN}')
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        load_prompts([path], answer_key="answer")
+    assert f"{path}, line 2: answer 'answer' is missing or null" in str(err.value)
+    assert "data.require_answer=false" in str(err.value)
+    recs, counts = load_prompts([path], skip_malformed=True)
+    assert [r.prompt for r in recs] == ["a"] and counts["malformed_skipped"] == 3
+    recs, _ = load_prompts([path], require_answer=False)
+    assert [r.answer for r in recs] == ["1", "", "", ""]
+    with pytest.raises(DataError, match="line 1: answer 'solution' is missing"):
+        load_prompts([path], answer_key="solution")  # a misspelled key
 
 
 def test_dotted_keys_reach_nested_fields(tmp_path):
@@ -79,19 +106,24 @@ MALFORMED = [
     ({"prompt": "ok", "answer": [1]}, "'answer' must be a string or a number, got list"),
     ({"prompt": "ok", "answer": True}, "got bool"),
     ({"prompt": "ok", "data_source": 3}, "'data_source' must be a string"),
+    ({"prompt": "ok"}, "'answer' is missing or null"),
+    ({"prompt": "ok", "answer": None}, "'answer' is missing or null"),
+    ({"prompt": "ok", "answer": float("inf")}, "'answer' is not finite"),
 ]
 
 
 @pytest.mark.parametrize("bad,message", MALFORMED)
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}, bad])
+    good = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [*good, bad])
     with pytest.raises(DataError, match="line 3") as err:
         load_prompts([path])
     assert path in str(err.value) and message in str(err.value)
 
 
 def test_skip_malformed_counts_rows(tmp_path):
-    lines = [{"prompt": "good"}] + [bad for bad, _ in MALFORMED] + [{"prompt": "also good"}]
+    lines = [{"prompt": "good", "answer": "1"}, *[bad for bad, _ in MALFORMED]]
+    lines.append({"prompt": "also good", "answer": "2"})
     path = write_jsonl(tmp_path / "d.jsonl", lines)
     recs, counts = load_prompts([path], skip_malformed=True)
     assert [r.prompt for r in recs] == ["good", "also good"]
@@ -99,11 +131,18 @@ def test_skip_malformed_counts_rows(tmp_path):
     assert counts == {"rows_read": len(lines), "malformed_skipped": len(MALFORMED)}
 
 
-def test_invalid_utf8_is_a_malformed_line(tmp_path):
+def test_invalid_utf8_names_the_line_and_the_byte(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
-    with pytest.raises(DataError, match="line 2: invalid JSON"):
+    first = b'{"prompt": "a", "answer": "1"}\n'
+    path.write_bytes(first + b'{"prompt": "\xc3\xa9\xff", "answer": "1"}\n')
+    with pytest.raises(DataError) as err:
         load_prompts([str(path)])
+    at = len('{"prompt": "') + 2  # after the two bytes of the valid "\xc3\xa9"
+    assert str(err.value) == (
+        f"{path}, line 2: not UTF-8: byte 0xff at byte {at} of the line, "
+        f"{len(first) + at} of the file"
+    )
+    assert "invalid JSON" not in str(err.value)
 
 
 def test_empty_inputs_are_errors(tmp_path):
@@ -115,7 +154,7 @@ def test_empty_inputs_are_errors(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ["nope", {"prompt": ""}])
     with pytest.raises(DataError, match=r"bad.jsonl: no usable prompt rows \(2 read"):
         load_prompts([bad], skip_malformed=True)
-    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "x"}])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "x", "answer": "1"}])
     with pytest.raises(DataError, match="empty.jsonl"):  # one empty file among good ones
         load_prompts([good, empty])
 
@@ -160,6 +199,25 @@ def test_parquet_round_trip(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
         load_prompts([str(tmp_path / "junk.parquet")])
+
+
+def test_parquet_float_column_answers(tmp_path):
+    """A float column (what pandas writes for integers with a gap) gives "4", not "4.0"; a
+    NaN in it is a missing answer."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed: Parquet is optional")
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "f.parquet")
+    table = pa.table({"prompt": ["a", "b", "c"], "answer": pa.array([4.0, 2.5, 1.0])})
+    pq.write_table(table, path)
+    assert table.schema.field("answer").type == pa.float64()
+    assert [r.answer for r in load_prompts([path])[0]] == ["4", "2.5", "1"]
+    table = table.set_column(1, "answer", pa.array([4.0, float("nan"), None]))
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=r"f.parquet, row 2: answer 'answer' is missing or null"):
+        load_prompts([path])
+    recs, counts = load_prompts([path], skip_malformed=True)
+    assert [r.answer for r in recs] == ["4"] and counts["malformed_skipped"] == 2
 
 
 # ---------------------------------------------------------------- PromptSet

@@ -1,5 +1,6 @@
-"""Rewards: math verification, loading reward functions by spec, and the process-pool scorer
-surviving reward functions that raise, return garbage, hang or end their process."""
+"""Rewards: math verification, loading reward functions by spec (and checking their
+signature), the one-call probe, the error-fraction stop, and the process-pool scorer surviving
+reward functions that raise, return garbage, hang or end their process."""
 
 import warnings
 from pathlib import Path
@@ -9,11 +10,15 @@ from math_verify.errors import TimeoutException
 
 from sfpo_megatron import rewards
 from sfpo_megatron.rewards import (
+    REWARD_SIGNATURE,
     RewardComputer,
+    RewardFailure,
     RewardTimeoutWarning,
     RewardWarning,
+    check_error_fraction,
     load_reward_fn,
     math_reward,
+    probe_reward_fn,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,12 +91,65 @@ def test_load_reward_fn(monkeypatch: pytest.MonkeyPatch) -> None:
         (f"{FIXTURE}:NOT_CALLABLE", TypeError, "is a int, not callable"),
         ("mathematics", ValueError, "not .math."),
         ("module:", ValueError, "not .math."),
+        (f"{FIXTURE}:two_args", TypeError, r"two_args\(response: str, answer: str\) -> float"),
+        (f"{FIXTURE}:keyword_source", TypeError, "too many positional arguments"),
     ],
 )
 def test_load_reward_fn_errors(spec: str, error: type, match: str) -> None:
     with pytest.raises(error, match=match) as info:
         load_reward_fn(spec)
     assert repr(spec) in str(info.value)
+    if "cannot be called" in str(info.value):
+        assert f"cannot be called as {REWARD_SIGNATURE}" in str(info.value)
+
+
+def test_signatures_that_take_three_positional_arguments_load() -> None:
+    assert load_reward_fn(f"{FIXTURE}:star_args")("r", "a", "s") == 3.0
+    assert load_reward_fn(f"{FIXTURE}:with_default")("r", "a", "s") == 2.0
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("raising", "raised ValueError: this reward function always fails"),
+        ("nan", "returned nan, not a finite number"),
+        ("not_a_number", "returned '1.0', not a finite number"),
+        ("slow", "ran past 0.2 s"),
+        ("length", None),
+    ],
+)
+def test_probe_calls_the_function_once_as_the_trainer_will(name: str, problem: str) -> None:
+    fn = load_reward_fn(f"{FIXTURE}:{name}")
+    assert probe_reward_fn(fn, 0.2, "42", "src") == problem
+
+
+def test_probe_of_math_without_a_reference_answer_fails() -> None:
+    assert probe_reward_fn(math_reward, 5.0, "3/4", "math") is None
+    problem = probe_reward_fn(math_reward, 5.0, "", "math")
+    assert problem == "warned: ValueError: the reference answer '' does not parse"
+
+
+@pytest.mark.parametrize(
+    "errors, samples, max_fraction, stops",
+    [
+        (8, 8, 1.0, True),
+        (7, 8, 1.0, False),
+        (4, 8, 0.5, True),
+        (3, 8, 0.5, False),
+        (1, 8, 0.0, True),
+        (0, 8, 0.0, False),
+        (0, 0, 0.0, False),
+    ],
+)
+def test_error_fraction_stops_the_run(errors, samples, max_fraction, stops) -> None:
+    if not stops:
+        check_error_fraction(errors, samples, max_fraction, "x.py:fn")
+        return
+    with pytest.raises(RewardFailure) as info:
+        check_error_fraction(errors, samples, max_fraction, "x.py:fn")
+    message = str(info.value)
+    assert f"{errors} of {samples} samples" in message and "reward.fn='x.py:fn'" in message
+    assert f"reward.max_error_fraction={max_fraction:g}" in message
 
 
 @pytest.mark.parametrize("workers", [0, 2])

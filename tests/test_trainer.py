@@ -186,11 +186,12 @@ import psutil
 
 
 def exact_match_killing_the_server_once(response, answer, source):
-    """Exact match; its 9th call (iteration 2) kills the rollout server this process runs."""
+    """Exact match; its 10th call (iteration 2's first sample, after the start-up probe and
+    iteration 1's 8) kills the rollout server this process runs."""
     mark = Path(os.environ["KILL_MARK"])
     count = int(mark.read_text()) if mark.exists() else 0
     mark.write_text(str(count + 1))
-    if count == 8:
+    if count == 9:
         for child in psutil.Process().children(recursive=True):
             if "sfpo_megatron.rollout.http_server" in " ".join(child.cmdline()):
                 child.kill()
@@ -228,4 +229,4 @@ def test_colocated_server_that_dies_is_restarted_and_resynced(tmp_path, monkeypa
     metrics = stable_metrics(tmp_path)
     assert [metrics[i]["weight_version"] for i in (1, 2, 3)] == [1, 2, 3]
     assert all(metrics[i]["rollout_logprob_gap"] < 1e-4 for i in (1, 2, 3))
-    assert int((tmp_path / "mark").read_text()) == 24  # 3 iterations x 2 prompts x 4 samples
+    assert int((tmp_path / "mark").read_text()) == 1 + 24  # the probe, 3 x 2 prompts x 4 samples
