@@ -18,6 +18,7 @@ The list built for is recorded in the extension (``_C.cuda_archs()``): on a GPU 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -29,6 +30,10 @@ CPU_SOURCES = ["csrc/binding.cpp", "csrc/reposition_cpu.cpp"]
 CUDA_SOURCES = ["csrc/reposition.cu"]
 # No FMA contraction, so results stay bit-identical to torch's separately rounded ops.
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
+# at::parallel_for (a header) runs in parallel only in code compiled with OpenMP, as torch's Linux
+# builds are. Where torch loads libgomp.so.1 itself (its Linux CPU wheels), the extension's
+# libgomp.so.1 is that same library: one thread pool, torch.get_num_threads() threads.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 # Built for when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: A100 (8.0), A10 and RTX 30
 # (8.6), L4, L40S and RTX 40 (8.9), H100 and H200 (9.0), B200 (10.0), RTX 50 (12.0); PTX for
@@ -107,19 +112,21 @@ def _extension_build() -> tuple[list, dict]:
         # BuildExtension reads the arch list from the environment; the binding reports it.
         archs = _cuda_arch_list(torch, cpp_extension.CUDA_HOME)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        cxx_flags = CXX_FLAGS + ["-DSFPO_WITH_CUDA", f'-DSFPO_CUDA_ARCHS="{archs}"']
+        cxx_flags = CXX_FLAGS + OPENMP_FLAGS + ["-DSFPO_WITH_CUDA", f'-DSFPO_CUDA_ARCHS="{archs}"']
         ext = cpp_extension.CUDAExtension(
             name="sfpo_megatron._C",
             sources=CPU_SOURCES + CUDA_SOURCES,
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     else:
         ext = cpp_extension.CppExtension(
             name="sfpo_megatron._C",
             sources=CPU_SOURCES,
             include_dirs=[str(CSRC)],
-            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

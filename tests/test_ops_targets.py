@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,15 @@ def test_cpu_tensors_are_not_checked_against_gpu_architectures(simulated_gpu):
 @needs_ext
 def test_built_extension_reports_its_architectures():
     assert (_C.cuda_archs() != "") == _C.has_cuda()
+
+
+@needs_ext
+@pytest.mark.skipif(
+    sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's Linux OpenMP builds",
+)
+def test_cpu_kernels_run_on_torchs_openmp_threads():
+    # Without -fopenmp, at::parallel_for (a header) silently runs on one thread.
+    assert b"GOMP_parallel" in Path(_C.__file__).read_bytes()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert len({line.split()[-1] for line in maps if "libgomp" in line}) == 1, "one OpenMP pool"
