@@ -18,6 +18,7 @@ import torch
 
 from sfpo_megatron import ops
 from sfpo_megatron.ops import _fallback
+from sfpo_megatron.ops.host_stream import DEFAULT_CHUNK_ELEMENTS
 
 MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COUNTING_RULE = (
@@ -58,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--host-chunk", type=int, default=1 << 23, help="reposition_from_host_")
+    parser.add_argument(
+        "--host-chunk", type=int, default=DEFAULT_CHUNK_ELEMENTS, help="reposition_from_host_"
+    )
     parser.add_argument("--check", action="store_true", help="ours vs the fallback, bitwise")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -79,32 +82,40 @@ def split_sizes(elements: int, tensors: int) -> list[int]:
 
 
 class Timer:
-    """Median milliseconds of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+    """Median milliseconds of callables: CUDA events on the GPU, perf_counter on the CPU.
+
+    The callables are timed round-robin (one run of each per round), so that load changes on a
+    shared machine hit every row alike and the ratios between rows stay meaningful.
+    """
 
     def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
         self.cuda = device.type == "cuda"
         self.repeats, self.warmup = repeats, warmup
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
+    def once(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
             fn()
+            return (time.perf_counter() - t0) * 1e3
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def __call__(self, fns: list[Callable[[], object]]) -> list[float]:
+        for _ in range(self.warmup):
+            for fn in fns:
+                fn()
         if self.cuda:
             torch.cuda.synchronize()
-        times = []
+        times: list[list[float]] = [[] for _ in fns]
         for _ in range(self.repeats):
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            for fn, fn_times in zip(fns, times, strict=True):
+                fn_times.append(self.once(fn))
+        return [statistics.median(fn_times) for fn_times in times]
 
 
 def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -215,14 +226,18 @@ def measure(args: argparse.Namespace) -> list[Row]:
             ("reposition_from_host_", 4, "h2d", False, from_host),
         ]
     timer = Timer(device, args.repeats, args.warmup)
-    return [Row(name, bpe, timer(fn), ref, is_ref) for name, bpe, ref, is_ref, fn in cases]
+    ms = timer([fn for *_, fn in cases])
+    return [
+        Row(name, bpe, t, ref, is_ref)
+        for (name, bpe, ref, is_ref, _), t in zip(cases, ms, strict=True)
+    ]
 
 
 def print_header(args: argparse.Namespace) -> None:
     """What ran where, so a pasted table is self-describing."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
-    print(f"backend: {ops.backend()}")
+    print(f"backend: {ops.backend(args.device)}")
     print(
         f"elements: {args.elements} in {args.tensors} tensor(s), model dtype {args.model_dtype}, "
         f"alpha {args.alpha}, repeats {args.repeats} (warm-up {args.warmup})"

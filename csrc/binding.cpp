@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 #ifdef SFPO_WITH_CUDA
@@ -256,6 +257,15 @@ bool has_cuda() {
 #endif
 }
 
+// The TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for (setup.py passes it in); "" without.
+std::string cuda_archs() {
+#ifdef SFPO_WITH_CUDA
+  return SFPO_CUDA_ARCHS;
+#else
+  return "";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -267,4 +277,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Copy the fp32 srcs back to back into flat from offset 0 (async on CUDA's current stream).");
   m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in.");
+  m.def("cuda_archs", &cuda_archs,
+        "The CUDA architectures the kernels were built for (TORCH_CUDA_ARCH_LIST syntax).");
 }

@@ -1,15 +1,14 @@
-"""Tests for the snapshot side of sfpo_megatron.ops: snapshot_, its layout, the host variant.
+"""Tests for the snapshot side of sfpo_megatron.ops: snapshot_ and its layout (the chunk planner
+included); the host-streamed reposition is in test_ops_host_stream.py.
 
-snapshot_ must write exactly torch.cat of the flattened sources (both backends, bit for bit), and
-reposition_from_host_ must give exactly what reposition_ gives with the whole snapshot at hand,
-whatever the chunking: the CPU runs the same chunked loop as CUDA, so these tests cover it.
+snapshot_ must write exactly torch.cat of the flattened sources (both backends, bit for bit).
 """
 
 import logging
 
 import pytest
 import torch
-from test_ops import _C, MODEL_DTYPES, ODD_SIZES, assert_same_bits, make_case, needs_ext, run
+from test_ops import _C, ODD_SIZES, assert_same_bits, needs_ext
 
 from sfpo_megatron import ops
 from sfpo_megatron.ops import _fallback
@@ -212,96 +211,6 @@ def test_chunk_segments_cover_every_element_once_in_order(chunk):
     assert covered == [(i, k) for i, n in enumerate(numels) for k in range(n)]
 
 
-HOST_SIZES = [1, 3, 0, 7, 64, 1023, 2, 4097]
-
-
-def _host_case(model_dtype, seed):
-    """(main, host_flat with the snapshot, model); main[4] is 2-D to check shape handling."""
-    main, snap, model = make_case(HOST_SIZES, model_dtype, seed=seed)
-    main[4] = main[4].view(8, 8)
-    host_flat = nan_flat(sum(HOST_SIZES) + 5)
-    _fallback.snapshot_(snap, host_flat)
-    return main, host_flat, model
-
-
-def assert_outputs_identical(got, want) -> None:
-    """Compare (main, model) pairs as returned by test_ops.run, bit for bit."""
-    got_main, got_model = got
-    want_main, want_model = want
-    assert (got_model is None) == (want_model is None)
-    for a, b in zip(got_main + (got_model or []), want_main + (want_model or []), strict=True):
-        assert_same_bits(a, b)
-
-
-def from_host(host_flat: torch.Tensor, chunk: int, force_chunked: bool = True):
-    """reposition_from_host_ in test_ops.run's impl signature (its snap argument is ignored)."""
-
-    def impl(main, _snap, model, alpha):
-        ops.reposition_from_host_(main, host_flat, model, alpha, chunk, force_chunked=force_chunked)
-
-    return impl
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
-@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=str)
-def test_reposition_from_host_chunked_matches_reposition(chunk, model_dtype):
-    main, host_flat, model = _host_case(model_dtype, seed=chunk)
-    expected = run(ops.reposition_, main, ops.snapshot_views(host_flat, main), model, 0.8)
-    assert_outputs_identical(run(from_host(host_flat, chunk), main, None, model, 0.8), expected)
-
-
-@pytest.mark.parametrize("chunk", [7, 1 << 23])
-@pytest.mark.parametrize("force_chunked", [False, True])
-def test_reposition_from_host_with_torch_backend(monkeypatch, chunk, force_chunked):
-    monkeypatch.setenv("SFPO_OPS_BACKEND", "torch")
-    main, host_flat, model = _host_case(torch.bfloat16, seed=5)
-    expected = run(_fallback.reposition_, main, ops.snapshot_views(host_flat, main), model, 0.3)
-    got = run(from_host(host_flat, chunk, force_chunked), main, None, model, 0.3)
-    assert_outputs_identical(got, expected)
-
-
-def test_reposition_from_host_updates_parameters():
-    main = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
-    model = [torch.zeros(5, 3, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
-    host_flat = torch.zeros(19)
-    ops.reposition_from_host_(main, host_flat, model, 0.5, 4, force_chunked=True)
-    for m, mo in zip(main, model, strict=True):
-        assert torch.equal(mo, m.detach().bfloat16())
-
-
-HOST_ERRORS = {
-    "chunk size": (dict(chunk_elements=0), ValueError, r"chunk_elements must be >= 1, got 0"),
-    "host device": (
-        dict(host_flat=torch.empty(12, device="meta")),
-        ValueError,
-        r"host_flat must be on the CPU, got meta",
-    ),
-    "host size": (dict(host_flat=torch.zeros(11)), ValueError, r"host_flat has 11 elements but 12"),
-    "host dtype": (
-        dict(host_flat=torch.zeros(12).double()),
-        TypeError,
-        r"host_flat must be float32",
-    ),
-    "model size": (
-        dict(model=[torch.zeros(5, dtype=torch.bfloat16), torch.zeros(6, dtype=torch.bfloat16)]),
-        ValueError,
-        r"model\[1\] has 6 elements but main\[1\] has 7",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(HOST_ERRORS))
-def test_reposition_from_host_errors_before_writing(case):
-    overrides, error, message = HOST_ERRORS[case]
-    main = [torch.randn(5), torch.randn(7)]
-    before = [t.clone() for t in main]
-    kwargs = dict(host_flat=torch.zeros(12), model=None, chunk_elements=3) | overrides
-    with pytest.raises(error, match=message):
-        ops.reposition_from_host_(main, alpha=0.5, force_chunked=True, **kwargs)
-    for t, b in zip(main, before, strict=True):
-        assert_same_bits(t, b)
-
-
 @needs_cuda
 @pytest.mark.parametrize("impl", SNAPSHOT_IMPLS)
 @pytest.mark.parametrize("pinned", [True, False])
@@ -320,17 +229,3 @@ def test_cuda_snapshot_to_host_and_device(impl, pinned):
     done.synchronize()
     assert_same_bits(host, expected)
     assert_same_bits(device.cpu(), expected)
-
-
-@needs_cuda
-@pytest.mark.parametrize("chunk", [4096, 1 << 20, 1 << 23])
-@pytest.mark.parametrize("model_dtype", [None, torch.bfloat16, torch.float16], ids=str)
-def test_cuda_reposition_from_host_matches_device_snapshot(chunk, model_dtype):
-    main, snap, model = make_case(HOST_SIZES + [3_000_001], model_dtype, seed=7)
-    main = [t.cuda() for t in main]
-    model = None if model is None else [t.cuda() for t in model]
-    host_flat = torch.cat(snap).pin_memory()
-    expected = run(ops.reposition_, main, ops.snapshot_views(host_flat.cuda(), main), model, 0.8)
-    got = run(from_host(host_flat, chunk, force_chunked=False), main, None, model, 0.8)
-    torch.cuda.synchronize()
-    assert_outputs_identical(got, expected)

@@ -1,7 +1,9 @@
 """Fused SFPO ops: the C++/CUDA extension when built, else a bit-identical pure-torch fallback.
 
 ``SFPO_OPS_BACKEND=torch`` forces the fallback (tests, debugging); unset or ``auto`` picks the
-extension whenever it can handle the tensors' device.
+extension whenever it can handle the tensors' device: for a GPU, when its kernels were built for
+an architecture that runs there (checked once per device, see ``cuda_arch``). Whenever the
+fallback stands in for the extension, one warning says why.
 """
 
 import logging
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sfpo_megatron.ops import _fallback
+from sfpo_megatron.ops import _fallback, cuda_arch
 from sfpo_megatron.ops.host_stream import reposition_from_host_
 from sfpo_megatron.ops.layout import chunk_segments, snapshot_views
 
@@ -34,8 +36,9 @@ __all__ = [
 
 logger = logging.getLogger("sfpo_megatron.ops")
 
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .`"
+_INSTALL = "pip install --no-build-isolation -e ."
 _warned = False
+_cuda_problems: dict[int, str | None] = {}  # per GPU index: why _C cannot run there, or None
 
 
 def _forced_torch() -> bool:
@@ -51,35 +54,60 @@ def extension_available() -> bool:
     return _C is not None
 
 
-def backend() -> str:
-    """The backend the ops use: "extension-cuda", "extension-cpu" or "torch"."""
-    if _C is None or _forced_torch():
+def backend(device: torch.device | str | None = None) -> str:
+    """The backend the ops use: "extension-cuda", "extension-cpu" or "torch".
+
+    With a device, the one they use for tensors there ("torch" on a GPU the kernels cannot run on).
+    """
+    if _forced_torch() or _C is None:  # validates SFPO_OPS_BACKEND either way
         return "torch"
+    if device is not None and torch.device(device).type == "cuda":
+        return "extension-cuda" if _cuda_problem(torch.device(device)) is None else "torch"
     return "extension-cuda" if _C.has_cuda() else "extension-cpu"
 
 
-def _warn_fallback_once(reason: str) -> None:
+def _cuda_problem(device: torch.device) -> str | None:
+    """Why _C cannot run on this GPU (None if it can); the architecture is checked once per GPU."""
+    if not _C.has_cuda():
+        return "sfpo_megatron._C was built without CUDA kernels"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _cuda_problems:
+        capability = torch.cuda.get_device_capability(index)
+        _cuda_problems[index] = cuda_arch.unsupported_reason(_C.cuda_archs(), capability)
+    return _cuda_problems[index]
+
+
+def _warn_fallback_once(reason: str, remedy: str) -> None:
     global _warned
     if not _warned:
         _warned = True
         logger.warning(
             "sfpo_megatron ops: %s; using the slower pure-torch fallback (same results). To use "
-            "the fused kernels, %s (SFPO_BUILD_CUDA=1 to require the CUDA kernels).",
+            "the fused kernels, %s.",
             reason,
-            _BUILD_HINT,
+            remedy,
         )
 
 
-def _use_extension(first: torch.Tensor | None) -> bool:
-    """Whether _C can take tensors like ``first``; warns once when the fallback has to stand in."""
+def _use_extension(device: torch.device | None) -> bool:
+    """Whether _C can take tensors on device; warns once when the fallback has to stand in."""
     if _forced_torch():
         return False
     if _C is None:
-        _warn_fallback_once(f"the C++ extension sfpo_megatron._C is not built ({_IMPORT_ERROR})")
+        _warn_fallback_once(
+            f"the C++ extension sfpo_megatron._C is not built ({_IMPORT_ERROR})",
+            f"build it with `{_INSTALL}` (SFPO_BUILD_CUDA=1 to require the CUDA kernels)",
+        )
         return False
-    if first is not None and first.is_cuda and not _C.has_cuda():
-        _warn_fallback_once("sfpo_megatron._C was built without CUDA kernels")
-        return False
+    if device is not None and device.type == "cuda":
+        problem = _cuda_problem(device)
+        if problem is not None:
+            _warn_fallback_once(
+                problem,
+                f"rebuild it with `SFPO_BUILD_CUDA=1 {_INSTALL}` on a machine with this GPU (or "
+                "with its compute capability in TORCH_CUDA_ARCH_LIST)",
+            )
+            return False
     return True
 
 
@@ -96,7 +124,7 @@ def reposition_(
     """
     main, snap = list(main), list(snap)
     model = None if model is None else list(model)
-    if _use_extension(main[0] if main else None):
+    if _use_extension(main[0].device if main else None):
         _C.reposition_(main, snap, model, float(alpha))
     else:
         _fallback.reposition_(main, snap, model, alpha)
@@ -112,7 +140,7 @@ def snapshot_(srcs: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     each copy then blocks the host until it is done. On the CPU the call returns when flat is full.
     """
     srcs = list(srcs)
-    if _use_extension(srcs[0] if srcs else None):
+    if _use_extension(srcs[0].device if srcs else None):
         _C.snapshot_(srcs, flat)
     else:
         _fallback.snapshot_(srcs, flat)
