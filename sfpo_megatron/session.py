@@ -19,6 +19,7 @@ from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint
 from sfpo_megatron.checkpoint_io.train_state import (
     CheckpointManager,
     checkpoint_dir,
+    holds_reference,
     latest_complete,
     load_checkpoint,
 )
@@ -70,8 +71,7 @@ class Session:
         self._encode = encode
 
         self.actor = Actor.build(cfg, arch, checkpoint)
-        # The reference is the model as built (HF weights or the seeded random init), before
-        # warm start or resume, so a resumed run rebuilds the same one.
+        # The model as built; replaced by the warm-started weights, or by a checkpoint's.
         self.reference = ReferencePolicy(self.actor) if cfg.algorithm.kl_coef > 0 else None
         self.update = build_update(cfg.algorithm, self.actor)
         self.rollout = build_backend(cfg, arch, self.actor.device)
@@ -143,16 +143,20 @@ class Session:
 
     def _begin(self) -> None:
         resume = self._resume_path()
+        t = self.cfg.train
         if resume is not None:
             self._load(resume)
-        elif self.cfg.train.warm_start_steps:
+        elif t.warm_start_steps:
             warm_start(
                 self.actor,
                 self.prompts.with_seed(self.cfg.data.seed + 1),
                 self._encode_answer,
                 self.tokenizer.eos_token_id,
-                self.cfg.train.warm_start_steps,
+                t.warm_start_steps,
+                t.warm_start_lr if t.warm_start_lr is not None else self.cfg.optimizer.lr,
             )
+            if self.reference is not None:
+                self.reference.capture()  # the KL reference is the policy RL starts from
         self.log = MetricsLog(
             self.cfg.logging, self.cfg.train.iterations, self.cfg.to_dict(), self.iteration
         )
@@ -169,7 +173,19 @@ class Session:
         return path
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.actor)
+        """Everything from the checkpoint; the KL reference too where it stores one (it was
+        warm-started), else the reference stays the model as built."""
+        reference = None
+        if self.reference is not None and holds_reference(path):
+            reference = self.reference
+        elif self.reference is not None and self.cfg.train.warm_start_steps:
+            raise ConfigError(
+                f"checkpoint {path} holds no KL reference policy, but with "
+                f"algorithm.kl_coef > 0 and train.warm_start_steps > 0 the reference is the "
+                f"warm-started policy, which only the checkpoint can give back: resume with "
+                f"the config that wrote it"
+            )
+        state = load_checkpoint(path, self.actor, reference)
         self.iteration = state["iteration"]
         self.prompts.load_state_dict(state["data"])
         self.update.load_state_dict(state["update"])
@@ -182,6 +198,12 @@ class Session:
             "update": self.update.state_dict(),
             "best": self.best,
         }
+
+    def _stored_reference(self) -> ReferencePolicy | None:
+        """The KL reference when a resumed run could not rebuild it (it is not as built)."""
+        if self.reference is None or self.reference.as_built:
+            return None
+        return self.reference
 
     # ------------------------------------------------------------------ per iteration
 
@@ -238,7 +260,7 @@ class Session:
         due = (c.interval and iteration % c.interval == 0) or last or self.stopping
         if self.checkpoints is not None and due:
             clock = time.perf_counter()
-            self.checkpoints.save(iteration, self.actor, self._state())
+            self.checkpoints.save(iteration, self.actor, self._state(), self._stored_reference())
             metrics["time_checkpoint"] = time.perf_counter() - clock
         return metrics
 

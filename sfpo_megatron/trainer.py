@@ -10,6 +10,7 @@ from dataclasses import replace
 from sfpo_megatron.checkpoint_io.hf_export import save_hf
 from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
+from sfpo_megatron.config_rules import validate_lengths
 from sfpo_megatron.distributed import init_distributed, shutdown
 from sfpo_megatron.experience import ScoredGroups, policy_batch, select_groups
 from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
@@ -18,10 +19,13 @@ from sfpo_megatron.rollouts import solved
 from sfpo_megatron.session import Session
 
 
-def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
-    """Check the config against the model and its weights (before anything is started or
-    written), then start the process groups. Returns the model shape and its weights."""
+def start(cfg: Config, training: bool = False) -> tuple[ModelArch, HFCheckpoint | None]:
+    """Check the config against the model and its weights (and, ``training``, its sequence
+    lengths against the model's positions) before anything is started or written, then start
+    the process groups. Returns the model shape and its weights."""
     arch = read_hf_config(cfg.model.hf_config)
+    if training:
+        validate_lengths(cfg, arch)
     checkpoint = None
     if cfg.model.load_weights:
         checkpoint = HFCheckpoint(hf_directory(cfg.model.hf_config))
@@ -33,7 +37,7 @@ def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics.
     Raises :class:`~sfpo_megatron.stop_request.StopRequested` after a stop request."""
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = start(cfg, training=True)
     try:
         with Session.open(cfg, arch, checkpoint) as s:
             history = []
