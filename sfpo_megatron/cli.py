@@ -2,7 +2,7 @@
 
 sfpo-megatron train CONFIG.yaml [key.sub=value ...]
 sfpo-megatron export-hf CONFIG.yaml OUT_DIR [key.sub=value ...]
-sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR]
+sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--x iteration|rollouts]
 """
 
 from __future__ import annotations
@@ -36,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     plot_cmd = commands.add_parser("plot", help="draw PNG curves from runs' metrics.jsonl")
     plot_cmd.add_argument("runs", nargs="+", metavar="RUN_DIR", help="logging.output_dir of a run")
     plot_cmd.add_argument("--out", help="where the PNGs go (default: FIRST_RUN_DIR/plots)")
+    plot_cmd.add_argument(
+        "--x",
+        choices=("iteration", "rollouts"),
+        default="iteration",
+        help="x axis: RL iterations, or training samples generated so far",
+    )
     args = parser.parse_args(argv)
     if args.command == "plot":
-        return _plot(args.runs, args.out)
+        return _plot(args.runs, args.out, args.x)
     if args.command == "plan":
         return plan_cli.run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -73,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plot(run_dirs: list[str], out: str | None) -> int:
+def _plot(run_dirs: list[str], out: str | None, x: str) -> int:
     from sfpo_megatron.plot import PlotError, plot_runs
 
     try:
-        plot_runs(run_dirs, out)
+        plot_runs(run_dirs, out, x)
     except PlotError as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2

@@ -90,6 +90,7 @@ class Session:
             else None
         )
         self.iteration = 0
+        self.rollouts = 0  # training samples generated so far (every round; no evaluation)
         self.best: dict[str, float] | None = None
         # Last: nothing raises after it, so its signal handlers are always given back.
         self.stop_request = StopRequest(cfg.checkpoint, self.actor.device)
@@ -187,6 +188,7 @@ class Session:
             )
         state = load_checkpoint(path, self.actor, reference)
         self.iteration = state["iteration"]
+        self.rollouts = state["rollouts"]
         self.prompts.load_state_dict(state["data"])
         self.update.load_state_dict(state["update"])
         self.best = state["best"]
@@ -194,6 +196,7 @@ class Session:
     def _state(self) -> dict:
         return {
             "iteration": self.iteration,
+            "rollouts": self.rollouts,
             "data": self.prompts.state_dict(),
             "update": self.update.state_dict(),
             "best": self.best,

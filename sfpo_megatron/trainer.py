@@ -91,7 +91,8 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
 
 def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
     """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
-    enough groups carry signal (at most ``max_sampling_rounds``)."""
+    enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
+    counts into the session's cumulative ``rollouts``."""
     t = s.cfg.train
     rounds: list[ScoredGroups] = []
     totals: dict[str, float] = {}
@@ -106,6 +107,8 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
         if informative >= t.prompts_per_step:
             break
     rewards = [r for scored in rounds for r in scored.rewards]
+    s.rollouts += len(rewards)
+    totals["rollouts"] = s.rollouts
     totals["reward_mean"] = sum(rewards) / len(rewards)
     totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
     totals["groups_kept"] = float(min(informative, t.prompts_per_step))

@@ -116,6 +116,12 @@ def test_uninterrupted_run_switches_and_logs(uninterrupted):
     assert all(metrics[i]["weight_version"] == i for i in metrics)
     assert all(abs(metrics[i]["rollout_logprob_gap"]) < 1e-4 for i in metrics)
     assert all(metrics[i]["ref_kl"] > 0 for i in metrics)
+    # 4 prompts x 4 samples per sampling round, extra dynamic-sampling rounds included
+    rounds = [int(metrics[i]["sampling_rounds"]) for i in range(1, 6)]
+    assert max(rounds) > 1
+    assert [metrics[i]["rollouts"] for i in range(1, 6)] == [
+        16 * sum(rounds[:i]) for i in range(1, 6)
+    ]
     assert {"eval/macro", "eval/add", "eval/sub"} <= metrics[2].keys()
     assert "eval/macro" in metrics[4] and "eval/macro" in metrics[5]
     best = json.loads((uninterrupted / "log/best.json").read_text())
