@@ -1,7 +1,7 @@
 """Command line (plain python for one process, torchrun or srun for many):
 
 sfpo-megatron train CONFIG.yaml [key.sub=value ...]
-sfpo-megatron export-hf CONFIG.yaml OUT_DIR [key.sub=value ...]
+sfpo-megatron export-hf CONFIG.yaml OUT_DIR [--dtype fp32|bf16|fp16] [key.sub=value ...]
 sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--x iteration|rollouts]
 """
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("config", help="YAML run config")
         if command is export_cmd:
             command.add_argument("out", help="output directory (replaced once complete)")
+            command.add_argument(
+                "--dtype",
+                choices=["fp32", "bf16", "fp16"],
+                help="dtype written (default: the source checkpoint's; model.dtype is not used)",
+            )
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     from sfpo_megatron import plan_cli
 
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:
+        if args.command == "export-hf" and any(
+            item.partition("=")[0].strip() == "model.dtype" for item in args.overrides
+        ):
+            raise ConfigError("export-hf takes its dtype from --dtype, not model.dtype")
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             train(cfg)
         else:
-            export_hf(cfg, args.out)
+            export_hf(cfg, args.out, args.dtype)
     except StopRequested:
         return EXIT_STATUS
     except (

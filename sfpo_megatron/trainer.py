@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from sfpo_megatron.checkpoint_io.hf_export import save_hf
+import torch.distributed as dist
+
+from sfpo_megatron.checkpoint_io.hf_export import save_hf, source_dtype
 from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
 from sfpo_megatron.config_rules import validate_lengths
@@ -116,16 +118,20 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
     return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals
 
 
-def export_hf(cfg: Config, out: str) -> None:
+def export_hf(cfg: Config, out: str, dtype: str | None = None) -> str:
     """Load the configured model through Megatron (resharded to the configured layout) and
-    write it back as a HF checkpoint at ``out``."""
+    write it back as a HF checkpoint at ``out`` in ``dtype``; None = the source checkpoint's
+    dtype (see :func:`source_dtype`), else ``model.dtype``. Returns the dtype written."""
     arch, checkpoint = start(cfg)
     try:
-        chunks = build_model(cfg, arch)
+        source = hf_directory(cfg.model.hf_config)
+        dtype = dtype or source_dtype(source, checkpoint) or cfg.model.dtype
+        chunks = build_model(replace(cfg, model=replace(cfg.model, dtype=dtype)), arch)
         if checkpoint is not None:
             load_hf_weights(chunks, arch, checkpoint)
-        save_hf(
-            chunks, arch, hf_directory(cfg.model.hf_config), out, cfg.checkpoint.export_shard_mb
-        )
+        save_hf(chunks, arch, source, out, cfg.checkpoint.export_shard_mb)
+        if dist.get_rank() == 0:
+            print(f"wrote {out} ({dtype})", flush=True)
+        return dtype
     finally:
         shutdown()
