@@ -1,8 +1,8 @@
 """Command line (plain python for one process, torchrun or srun for many):
 
 sfpo-megatron train CONFIG.yaml [key.sub=value ...]
-sfpo-megatron export-hf CONFIG.yaml OUT_DIR [key.sub=value ...]
-sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR]
+sfpo-megatron export-hf CONFIG.yaml OUT_DIR [--dtype fp32|bf16|fp16] [key.sub=value ...]
+sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--x iteration|rollouts]
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("config", help="YAML run config")
         if command is export_cmd:
             command.add_argument("out", help="output directory (replaced once complete)")
+            command.add_argument(
+                "--dtype",
+                choices=["fp32", "bf16", "fp16"],
+                help="dtype written (default: the source checkpoint's; model.dtype is not used)",
+            )
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     from sfpo_megatron import plan_cli
 
@@ -36,14 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     plot_cmd = commands.add_parser("plot", help="draw PNG curves from runs' metrics.jsonl")
     plot_cmd.add_argument("runs", nargs="+", metavar="RUN_DIR", help="logging.output_dir of a run")
     plot_cmd.add_argument("--out", help="where the PNGs go (default: FIRST_RUN_DIR/plots)")
+    plot_cmd.add_argument(
+        "--x",
+        choices=("iteration", "rollouts"),
+        default="iteration",
+        help="x axis: RL iterations, or training samples generated so far",
+    )
     args = parser.parse_args(argv)
     if args.command == "plot":
-        return _plot(args.runs, args.out)
+        return _plot(args.runs, args.out, args.x)
     if args.command == "plan":
         return plan_cli.run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_known_warnings()
     try:
+        if args.command == "export-hf" and any(
+            item.partition("=")[0].strip() == "model.dtype" for item in args.overrides
+        ):
+            raise ConfigError("export-hf takes its dtype from --dtype, not model.dtype")
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
@@ -59,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             train(cfg)
         else:
-            export_hf(cfg, args.out)
+            export_hf(cfg, args.out, args.dtype)
     except StopRequested:
         return EXIT_STATUS
     except RewardFailure as error:  # found while running: not a config error
@@ -77,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plot(run_dirs: list[str], out: str | None) -> int:
+def _plot(run_dirs: list[str], out: str | None, x: str) -> int:
     from sfpo_megatron.plot import PlotError, plot_runs
 
     try:
-        plot_runs(run_dirs, out)
+        plot_runs(run_dirs, out, x)
     except PlotError as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2

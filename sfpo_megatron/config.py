@@ -70,7 +70,10 @@ class TrainConfig:
     max_sampling_rounds: int = 4
     warm_start_steps: int = 0
     """Supervised optimizer steps on the prompts' reference answers before RL (demo models
-    that start from random weights); 0 = none."""
+    that start from random weights); 0 = none. Skipped when resuming from a checkpoint."""
+    warm_start_lr: float | None = None
+    """Constant learning rate of the warm-start steps; None = ``optimizer.lr``. The RL LR
+    schedule (its warm-up included) starts after the warm start, untouched by it."""
 
 
 @dataclass
@@ -84,6 +87,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    decay_norms_and_biases: bool = False
+    """False: weight decay skips biases and norm weights (every 1-D param; Megatron's
+    convention). True: every parameter decays (the SFPO reference code and verl)."""
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 :func:`validate` needs only the config (run at load time); :func:`validate_layout` needs the
 model shape and the world size too (TP divides heads, PP divides layers, world = TP x PP x DP)
-and runs once both are known.
+and runs once both are known; :func:`validate_lengths` (training only) needs the model shape.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sfpo_megatron.config import Config
+    from sfpo_megatron.config import Config, OptimizerConfig, TrainConfig
     from sfpo_megatron.models.arch import ModelArch
 
 
@@ -118,7 +118,12 @@ def validate(cfg: Config) -> None:
         cfg.checkpoint.stop_file != "",
         "checkpoint.stop_file must name a file (null turns the stop file off)",
     )
-    _require(t.warm_start_steps >= 0, f"train.warm_start_steps={t.warm_start_steps} must be >= 0")
+    _validate_warm_start(t, o)
+    _require(
+        t.warm_start_steps == 0 or cfg.data.require_answer,
+        f"train.warm_start_steps={t.warm_start_steps} trains on the reference answers: it needs "
+        "data.require_answer=true",
+    )
     _require(
         t.samples_per_prompt >= 2,
         f"train.samples_per_prompt={t.samples_per_prompt} must be >= 2 (group advantages)",
@@ -152,6 +157,34 @@ def validate(cfg: Config) -> None:
     _require(e.interval == 0 or bool(e.files), "eval.interval > 0 needs eval.files")
     _require(e.temperature > 0, f"eval.temperature={e.temperature} must be > 0")
     _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p} must be in (0, 1]")
+
+
+def _validate_warm_start(t: TrainConfig, o: OptimizerConfig) -> None:
+    """The warm start runs at its own constant LR; one that could not train is refused."""
+    _require(t.warm_start_steps >= 0, f"train.warm_start_steps={t.warm_start_steps} must be >= 0")
+    if t.warm_start_lr is not None:
+        _require(
+            t.warm_start_steps > 0,
+            f"train.warm_start_lr={t.warm_start_lr} is set but train.warm_start_steps=0 "
+            f"(no warm start runs)",
+        )
+        _require(t.warm_start_lr > 0, f"train.warm_start_lr={t.warm_start_lr} must be > 0")
+    _require(
+        t.warm_start_steps == 0 or t.warm_start_lr is not None or o.lr > 0,
+        f"train.warm_start_steps={t.warm_start_steps} would run at LR 0 "
+        f"(train.warm_start_lr=null means optimizer.lr={o.lr}): set train.warm_start_lr > 0",
+    )
+
+
+def validate_lengths(cfg: Config, arch: ModelArch) -> None:
+    """A training run's prompt + response must fit the model's positions."""
+    prompt, response = cfg.data.max_prompt_length, cfg.rollout.max_response_length
+    _require(
+        prompt + response <= arch.max_position_embeddings,
+        f"data.max_prompt_length={prompt} + rollout.max_response_length={response} = "
+        f"{prompt + response} tokens exceed the model's max_position_embeddings="
+        f"{arch.max_position_embeddings} of model.hf_config={cfg.model.hf_config}",
+    )
 
 
 def stop_signal(name: str) -> signal.Signals:

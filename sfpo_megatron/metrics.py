@@ -38,6 +38,7 @@ STATS = (
     ("entropy", "entropy", ".3f"),
     ("entropy_z", "z", "+.2f"),
     ("response_length", "len", ".1f"),
+    ("rollouts", "rollouts", ".0f"),
     ("tokens_per_s", "tok/s", ".0f"),
 )
 EVAL_PREFIX = "eval/"

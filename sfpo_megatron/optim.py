@@ -3,6 +3,8 @@ master weights it steps (for the SFPO reposition)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,9 @@ from sfpo_megatron.models.gpt import DTYPES
 def build_optimizer(cfg: Config, chunks: list) -> tuple[object, OptimizerParamScheduler]:
     """AdamW with fp32 main params (for bf16/fp16 models), clipping, and the LR schedule.
 
-    Weight decay skips biases and 1-D params (norm weights), Megatron's convention.
+    Weight decay skips biases and 1-D params (norm weights), Megatron's convention, unless
+    ``optimizer.decay_norms_and_biases``: then no param is exempt (an empty override table
+    replaces Megatron's standard one).
     """
     o = cfg.optimizer
     dtype = DTYPES[cfg.model.dtype]
@@ -38,7 +42,8 @@ def build_optimizer(cfg: Config, chunks: list) -> tuple[object, OptimizerParamSc
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(config, chunks)
+    overrides = {} if o.decay_norms_and_biases else None
+    optimizer = get_megatron_optimizer(config, chunks, config_overrides=overrides)
     # The schedule advances once per RL iteration, not per optimizer step (SFPO spec).
     decay_steps = max(cfg.train.iterations, o.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
@@ -55,6 +60,21 @@ def build_optimizer(cfg: Config, chunks: list) -> tuple[object, OptimizerParamSc
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+@contextmanager
+def constant_lr(optimizer, lr: float) -> Iterator[None]:
+    """Every param group steps at ``lr`` (times its ``lr_mult``) inside the block; their LRs
+    are restored after it. The schedule is not consulted or stepped: its state is unchanged."""
+    groups = optimizer.param_groups
+    saved = [group["lr"] for group in groups]
+    for group in groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    try:
+        yield
+    finally:
+        for group, value in zip(groups, saved, strict=True):
+            group["lr"] = value
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """``sfpo-megatron plot``: PNG curves from the metrics.jsonl of one or more runs, overlaid so a
-GRPO and a SFPO run can be compared. matplotlib is imported only here, and only when drawing."""
+GRPO and a SFPO run can be compared, against the iteration or the cumulative ``rollouts``
+(training samples generated: SFPO's claim is about rollouts). matplotlib is imported only
+here, and only when drawing."""
 
 from __future__ import annotations
 
@@ -31,37 +33,62 @@ class PlotError(ValueError):
 
 @dataclass
 class Run:
-    """One run's records, under the label its curves get in legends."""
+    """One run's records, under the label its curves get in legends, drawn against ``x``:
+    ``iteration``, or a cumulative metric logged once per iteration (``rollouts``), which
+    then places every record of that iteration (evaluations logged apart included)."""
 
     label: str
     records: list[dict[str, Any]]
+    x: str = "iteration"
+
+    def __post_init__(self) -> None:
+        self._x_of = {
+            r["iteration"]: r["iteration"] if self.x == "iteration" else r[self.x]
+            for r in self.records
+            if self.x == "iteration" or is_number(r.get(self.x))
+        }
 
     def has(self, key: str) -> bool:
         return any(is_number(record.get(key)) for record in self.records)
 
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(iterations, values) of the records that carry ``key``."""
-        points = [(r["iteration"], r[key]) for r in self.records if is_number(r.get(key))]
+    def position(self, iteration: int) -> float | None:
+        """Where ``iteration`` lies on the x axis (None: its ``x`` was not logged)."""
+        return self._x_of.get(iteration)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(x positions, values) of the records that carry ``key``."""
+        points = [
+            (self.position(r["iteration"]), r[key])
+            for r in self.records
+            if is_number(r.get(key)) and self.position(r["iteration"]) is not None
+        ]
         return [x for x, _ in points], [y for _, y in points]
 
     def switch_iteration(self) -> int | None:
         """The iteration whose entropy z-score ended SFPO: the first with ``switched`` set, or
         where ``switched`` was not logged, the last with ``sfpo_active`` 1 before it turns 0."""
-        switched = [x for x, flag in zip(*self.series("switched"), strict=True) if flag]
+        switched = [r["iteration"] for r in self.records if _flag(r, "switched")]
         if switched:
             return switched[0]
         last_active = None
-        for x, active in zip(*self.series("sfpo_active"), strict=True):
-            if active:
-                last_active = x
+        for r in self.records:
+            if not is_number(r.get("sfpo_active")):
+                continue
+            if r["sfpo_active"]:
+                last_active = r["iteration"]
             elif last_active is not None:
                 return last_active
         return None
 
 
-def load_run(run_dir: str | Path) -> Run:
+def _flag(record: dict[str, Any], key: str) -> bool:
+    return is_number(record.get(key)) and bool(record[key])
+
+
+def load_run(run_dir: str | Path, x: str = "iteration") -> Run:
     """Read ``run_dir/metrics.jsonl``; the label is the directory name plus the algorithm that
-    ``config.json`` names."""
+    ``config.json`` names. Against ``x`` other than ``iteration``, the run must have logged
+    it."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -79,7 +106,12 @@ def load_run(run_dir: str | Path) -> Run:
             raise PlotError(f"{config_path}: not a JSON run config") from None
         if algorithm:
             label = f"{label} ({algorithm})"
-    return Run(label, records)
+    run = Run(label, records, x)
+    if x != "iteration" and not run.has(x):
+        raise PlotError(
+            f"{path}: no {x!r} logged (a run older than that metric?): use --x iteration"
+        )
+    return run
 
 
 def _colored(runs: list[Run]) -> Iterator[tuple[Run, str]]:
@@ -118,7 +150,7 @@ def _curves(
         for run, color in _colored(runs):
             if run.has(key):
                 ax.plot(*run.series(key), color=color, marker=marker, label=run.label)
-        ax.set(title=key, xlabel="iteration")
+        ax.set(title=key, xlabel=runs[0].x)
         ax.grid(alpha=0.3)
         ax.legend()
     return figure
@@ -144,8 +176,9 @@ def _entropy(runs: list[Run]) -> Figure | None:
     ax = figure.axes[0]
     for run, color in _colored(runs):
         switch = run.switch_iteration()
-        if switch is not None:
-            ax.axvline(switch, color=color, linestyle="--", label=f"{run.label}: switch @ {switch}")
+        at = None if switch is None else run.position(switch)
+        if at is not None:
+            ax.axvline(at, color=color, linestyle="--", label=f"{run.label}: switch @ {at:.0f}")
     ax.legend()
     return figure
 
@@ -167,15 +200,18 @@ def _time(runs: list[Run]) -> Figure | None:
             for key in PHASES:
                 if is_number(record.get(key)):
                     row[key] = row.get(key, 0.0) + record[key]
-        xs = sorted(x for x, row in per_iteration.items() if row)
+        iterations = [
+            i for i, row in sorted(per_iteration.items()) if row and run.position(i) is not None
+        ]
+        xs = [run.position(i) for i in iterations]
         phases = [key for key in PHASES if run.has(key)]
         if phases:
-            stacks = [[per_iteration[x].get(key, 0.0) for x in xs] for key in phases]
+            stacks = [[per_iteration[i].get(key, 0.0) for i in iterations] for key in phases]
             labels = [PHASES[key] for key in phases]
             ax.stackplot(xs, *stacks, labels=labels, step="mid", alpha=0.8)
         if run.has("seconds"):
             ax.plot(*run.series("seconds"), "k-", drawstyle="steps-mid", label="whole iteration")
-        ax.set(title=run.label, xlabel="iteration", ylabel="seconds")
+        ax.set(title=run.label, xlabel=run.x, ylabel="seconds")
         ax.legend(loc="upper left", fontsize="small")
     return figure
 
@@ -212,9 +248,12 @@ def save_figures(figures: dict[str, Figure], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def plot_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """The ``plot`` command: load, draw, save (default ``FIRST_RUN_DIR/plots``), report."""
-    runs = [load_run(run_dir) for run_dir in run_dirs]
+def plot_runs(
+    run_dirs: list[str | Path], out_dir: str | Path | None = None, x: str = "iteration"
+) -> list[Path]:
+    """The ``plot`` command: load, draw against ``x``, save (default ``FIRST_RUN_DIR/plots``),
+    report."""
+    runs = [load_run(run_dir, x) for run_dir in run_dirs]
     figures = build_figures(runs)
     for name, (_, needs) in PLOTS.items():
         if name not in figures:

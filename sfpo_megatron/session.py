@@ -19,6 +19,7 @@ from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint
 from sfpo_megatron.checkpoint_io.train_state import (
     CheckpointManager,
     checkpoint_dir,
+    holds_reference,
     latest_complete,
     load_checkpoint,
 )
@@ -74,8 +75,7 @@ class Session:
         check_reward_fn(cfg.reward.fn, reward_fn, cfg.reward.timeout_s, self.prompts.records[0])
 
         self.actor = Actor.build(cfg, arch, checkpoint)
-        # The reference is the model as built (HF weights or the seeded random init), before
-        # warm start or resume, so a resumed run rebuilds the same one.
+        # The model as built; replaced by the warm-started weights, or by a checkpoint's.
         self.reference = ReferencePolicy(self.actor) if cfg.algorithm.kl_coef > 0 else None
         self.update = build_update(cfg.algorithm, self.actor)
         self.rollout = build_backend(cfg, arch, self.actor.device)
@@ -99,6 +99,7 @@ class Session:
             else None
         )
         self.iteration = 0
+        self.rollouts = 0  # training samples generated so far (every round; no evaluation)
         self.best: dict[str, float] | None = None
         # Last: nothing raises after it, so its signal handlers are always given back.
         self.stop_request = StopRequest(cfg.checkpoint, self.actor.device)
@@ -152,16 +153,20 @@ class Session:
 
     def _begin(self) -> None:
         resume = self._resume_path()
+        t = self.cfg.train
         if resume is not None:
             self._load(resume)
-        elif self.cfg.train.warm_start_steps:
+        elif t.warm_start_steps:
             warm_start(
                 self.actor,
                 self.prompts.with_seed(self.cfg.data.seed + 1),
                 self._encode_answer,
                 self.tokenizer.eos_token_id,
-                self.cfg.train.warm_start_steps,
+                t.warm_start_steps,
+                t.warm_start_lr if t.warm_start_lr is not None else self.cfg.optimizer.lr,
             )
+            if self.reference is not None:
+                self.reference.capture()  # the KL reference is the policy RL starts from
         self.log = MetricsLog(
             self.cfg.logging, self.cfg.train.iterations, self.cfg.to_dict(), self.iteration
         )
@@ -178,8 +183,21 @@ class Session:
         return path
 
     def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.actor)
+        """Everything from the checkpoint; the KL reference too where it stores one (it was
+        warm-started), else the reference stays the model as built."""
+        reference = None
+        if self.reference is not None and holds_reference(path):
+            reference = self.reference
+        elif self.reference is not None and self.cfg.train.warm_start_steps:
+            raise ConfigError(
+                f"checkpoint {path} holds no KL reference policy, but with "
+                f"algorithm.kl_coef > 0 and train.warm_start_steps > 0 the reference is the "
+                f"warm-started policy, which only the checkpoint can give back: resume with "
+                f"the config that wrote it"
+            )
+        state = load_checkpoint(path, self.actor, reference)
         self.iteration = state["iteration"]
+        self.rollouts = state["rollouts"]
         self.prompts.load_state_dict(state["data"])
         self.update.load_state_dict(state["update"])
         self.best = state["best"]
@@ -187,10 +205,17 @@ class Session:
     def _state(self) -> dict:
         return {
             "iteration": self.iteration,
+            "rollouts": self.rollouts,
             "data": self.prompts.state_dict(),
             "update": self.update.state_dict(),
             "best": self.best,
         }
+
+    def _stored_reference(self) -> ReferencePolicy | None:
+        """The KL reference when a resumed run could not rebuild it (it is not as built)."""
+        if self.reference is None or self.reference.as_built:
+            return None
+        return self.reference
 
     # ------------------------------------------------------------------ per iteration
 
@@ -247,7 +272,7 @@ class Session:
         due = (c.interval and iteration % c.interval == 0) or last or self.stopping
         if self.checkpoints is not None and due:
             clock = time.perf_counter()
-            self.checkpoints.save(iteration, self.actor, self._state())
+            self.checkpoints.save(iteration, self.actor, self._state(), self._stored_reference())
             metrics["time_checkpoint"] = time.perf_counter() - clock
         return metrics
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from sfpo_megatron.checkpoint_io.hf_export import save_hf
+import torch.distributed as dist
+
+from sfpo_megatron.checkpoint_io.hf_export import save_hf, source_dtype
 from sfpo_megatron.checkpoint_io.hf_import import HFCheckpoint, load_hf_weights
 from sfpo_megatron.config import Config
+from sfpo_megatron.config_rules import validate_lengths
 from sfpo_megatron.distributed import init_distributed, shutdown
 from sfpo_megatron.experience import ScoredGroups, policy_batch, select_groups
 from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
@@ -18,10 +21,13 @@ from sfpo_megatron.rollouts import solved
 from sfpo_megatron.session import Session
 
 
-def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
-    """Check the config against the model and its weights (before anything is started or
-    written), then start the process groups. Returns the model shape and its weights."""
+def start(cfg: Config, training: bool = False) -> tuple[ModelArch, HFCheckpoint | None]:
+    """Check the config against the model and its weights (and, ``training``, its sequence
+    lengths against the model's positions) before anything is started or written, then start
+    the process groups. Returns the model shape and its weights."""
     arch = read_hf_config(cfg.model.hf_config)
+    if training:
+        validate_lengths(cfg, arch)
     checkpoint = None
     if cfg.model.load_weights:
         checkpoint = HFCheckpoint(hf_directory(cfg.model.hf_config))
@@ -33,7 +39,7 @@ def start(cfg: Config) -> tuple[ModelArch, HFCheckpoint | None]:
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics.
     Raises :class:`~sfpo_megatron.stop_request.StopRequested` after a stop request."""
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = start(cfg, training=True)
     try:
         with Session.open(cfg, arch, checkpoint) as s:
             history = []
@@ -87,7 +93,8 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
 
 def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
     """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
-    enough groups carry signal (at most ``max_sampling_rounds``)."""
+    enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
+    counts into the session's cumulative ``rollouts``."""
     t = s.cfg.train
     rounds: list[ScoredGroups] = []
     totals: dict[str, float] = {}
@@ -102,6 +109,8 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
         if informative >= t.prompts_per_step:
             break
     rewards = [r for scored in rounds for r in scored.rewards]
+    s.rollouts += len(rewards)
+    totals["rollouts"] = s.rollouts
     totals["reward_mean"] = sum(rewards) / len(rewards)
     totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
     totals["groups_kept"] = float(min(informative, t.prompts_per_step))
@@ -109,16 +118,20 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
     return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals
 
 
-def export_hf(cfg: Config, out: str) -> None:
+def export_hf(cfg: Config, out: str, dtype: str | None = None) -> str:
     """Load the configured model through Megatron (resharded to the configured layout) and
-    write it back as a HF checkpoint at ``out``."""
+    write it back as a HF checkpoint at ``out`` in ``dtype``; None = the source checkpoint's
+    dtype (see :func:`source_dtype`), else ``model.dtype``. Returns the dtype written."""
     arch, checkpoint = start(cfg)
     try:
-        chunks = build_model(cfg, arch)
+        source = hf_directory(cfg.model.hf_config)
+        dtype = dtype or source_dtype(source, checkpoint) or cfg.model.dtype
+        chunks = build_model(replace(cfg, model=replace(cfg.model, dtype=dtype)), arch)
         if checkpoint is not None:
             load_hf_weights(chunks, arch, checkpoint)
-        save_hf(
-            chunks, arch, hf_directory(cfg.model.hf_config), out, cfg.checkpoint.export_shard_mb
-        )
+        save_hf(chunks, arch, source, out, cfg.checkpoint.export_shard_mb)
+        if dist.get_rank() == 0:
+            print(f"wrote {out} ({dtype})", flush=True)
+        return dtype
     finally:
         shutdown()

@@ -4,7 +4,14 @@ weights (the demo): RL from a policy that never earns a reward learns nothing.
 Each step is one actor training pass over one mini-batch of prompt + answer + eos rows with
 advantage 1 and old log-probs taken at the current weights: at ratio 1 the clipped GRPO
 objective's gradient is exactly the token-mean log-likelihood gradient (plus the configured
-entropy bonus), so no second loss is needed.
+entropy bonus), so no second loss is needed. The KL reference log-probs (with
+``algorithm.kl_coef > 0``) are those same current log-probs: the k3 KL term and its gradient
+are zero there, so it adds nothing; the KL reference of RL is the policy the warm start ends
+with.
+
+The steps run at the constant ``train.warm_start_lr`` (default ``optimizer.lr``) and never
+step the LR schedule: RL starts its schedule, warm-up included, exactly as without a warm
+start.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch.distributed as dist
 
 from sfpo_megatron.batch import PolicyBatch
 from sfpo_megatron.data import BatchItem, PromptSet
+from sfpo_megatron.optim import constant_lr
 
 
 def answer_batch(
@@ -40,16 +48,19 @@ def warm_start(
     encode_answer: Callable[[str], list[int]],
     eos: int,
     steps: int,
+    lr: float,
 ) -> None:
-    """``steps`` supervised optimizer steps, each on the next mini-batch of ``prompts``; rank 0
-    prints the answers' token-mean negative log-likelihood about ten times along the way."""
+    """``steps`` supervised optimizer steps at learning rate ``lr``, each on the next mini-batch
+    of ``prompts``; rank 0 prints the answers' token-mean negative log-likelihood about ten
+    times along the way."""
     rows = actor.cfg.sequences_per_mini_batch
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        batch = answer_batch(prompts.next_batch(rows), encode_answer, eos)
-        logprobs, _ = actor.forward_logprobs(batch)
-        actor.train_pass(replace(batch, old_logprobs=logprobs))
-        if dist.get_rank() == 0 and (step % max(steps // 10, 1) == 0 or step == 1):
-            nll = -float(logprobs.sum() / batch.response_mask.sum())
-            elapsed = time.perf_counter() - start
-            print(f"warm start {step}/{steps} answer nll {nll:.3f} {elapsed:.0f}s", flush=True)
+    with constant_lr(actor.optimizer, lr):
+        for step in range(1, steps + 1):
+            batch = answer_batch(prompts.next_batch(rows), encode_answer, eos)
+            logprobs, _ = actor.forward_logprobs(batch)
+            actor.train_pass(replace(batch, old_logprobs=logprobs, ref_logprobs=logprobs))
+            if dist.get_rank() == 0 and (step % max(steps // 10, 1) == 0 or step == 1):
+                nll = -float(logprobs.sum() / batch.response_mask.sum())
+                elapsed = time.perf_counter() - start
+                print(f"warm start {step}/{steps} answer nll {nll:.3f} {elapsed:.0f}s", flush=True)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from sfpo_megatron import cli
 from sfpo_megatron.config import load_config
-from sfpo_megatron.config_rules import ConfigError, stop_signal, validate_layout
+from sfpo_megatron.config_rules import ConfigError, stop_signal, validate_layout, validate_lengths
 from sfpo_megatron.models.arch import read_hf_config
 
 from conftest import write_hf_config
@@ -154,3 +155,67 @@ def test_layout_rules(model_dir, overrides, world, key):
 def test_valid_layout_returns_dp(model_dir):
     cfg = load(model_dir, "parallel.tensor=2", "train.micro_batch_size=2")
     assert validate_layout(cfg, read_hf_config(model_dir), 8) == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.warm_start_lr=1e-3"],
+            "train.warm_start_lr=0.001 is set but train.warm_start_steps=0",
+        ),
+        (
+            ["train.warm_start_steps=2", "train.warm_start_lr=0"],
+            "train.warm_start_lr=0.0 must be > 0",
+        ),
+        (["train.warm_start_steps=2", "train.warm_start_lr=-1e-3"], "train.warm_start_lr=-0.001"),
+        (
+            ["train.warm_start_steps=2", "optimizer.lr=0"],
+            "train.warm_start_steps=2 would run at LR 0 (train.warm_start_lr=null means "
+            "optimizer.lr=0.0)",
+        ),
+        (["train.warm_start_steps=-1"], "train.warm_start_steps=-1 must be >= 0"),
+        (
+            ["train.warm_start_steps=2", "data.require_answer=false"],
+            "train.warm_start_steps=2 trains on the reference answers: it needs "
+            "data.require_answer=true",
+        ),
+    ],
+)
+def test_warm_start_that_cannot_train_is_refused(model_dir, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load(model_dir, *overrides)
+    assert message in str(error.value)
+
+
+def test_warm_start_lr_defaults_to_the_optimizer_lr_and_is_its_own_key(model_dir):
+    assert load(model_dir, "train.warm_start_steps=2").train.warm_start_lr is None
+    cfg = load(model_dir, "train.warm_start_steps=2", "train.warm_start_lr=1e-3", "optimizer.lr=0")
+    assert cfg.train.warm_start_lr == 1e-3  # RL at LR 0 after a real warm start is allowed
+    assert load(model_dir).optimizer.decay_norms_and_biases is False
+
+
+def test_sequence_lengths_must_fit_the_models_positions(model_dir):
+    arch = read_hf_config(model_dir)  # max_position_embeddings 256
+    validate_lengths(
+        load(model_dir, "data.max_prompt_length=200", "rollout.max_response_length=56"), arch
+    )
+    cfg = load(model_dir, "data.max_prompt_length=200", "rollout.max_response_length=57")
+    with pytest.raises(ConfigError) as error:
+        validate_lengths(cfg, arch)
+    assert (
+        "data.max_prompt_length=200 + rollout.max_response_length=57 = 257 tokens exceed the "
+        f"model's max_position_embeddings=256 of model.hf_config={model_dir}"
+    ) in str(error.value)
+
+
+def test_cli_refuses_bad_lengths_and_warm_start_before_anything_runs(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  hf_config: {model_dir}\nlogging:\n  output_dir: {out}\n")
+    assert cli.main(["train", str(config), "train.warm_start_lr=1e-3"]) == 2
+    assert "train.warm_start_steps=0" in capsys.readouterr().err
+    # the defaults, 1536 + 2560 tokens, do not fit the tiny model's 256 positions
+    assert cli.main(["train", str(config), "model.load_weights=false"]) == 2
+    assert "max_position_embeddings=256" in capsys.readouterr().err
+    assert not out.exists()

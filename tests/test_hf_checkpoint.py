@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sfpo_megatron.checkpoint_io.hf_export import source_dtype
 from sfpo_megatron.checkpoint_io.hf_import import CheckpointError, HFCheckpoint
 from sfpo_megatron.models.arch import read_hf_config
 
@@ -132,8 +133,9 @@ def test_export_buckets_are_bounded(hf_runs):
 
 
 def export_cli(config_dir, out, *overrides):
+    """``export-hf`` of a config naming only the model (model.dtype: the default bf16)."""
     cfg = config_dir / "run.yaml"
-    cfg.write_text(f"model:\n  hf_config: {config_dir}\n  dtype: fp32\n")
+    cfg.write_text(f"model:\n  hf_config: {config_dir}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "sfpo_megatron.cli", "export-hf", str(cfg), str(out), *overrides],
@@ -151,13 +153,51 @@ def good_model(tmp_path):
     return directory
 
 
-def test_export_cli_round_trip(good_model, tmp_path):
+def test_export_cli_round_trip_keeps_the_source_dtype(good_model, tmp_path):
+    """An fp32 checkpoint comes back fp32 and bit for bit, whatever model.dtype says;
+    ``--dtype`` chooses another."""
+    source = load_file(str(good_model / "model.safetensors"))
+    assert {t.dtype for t in source.values()} == {torch.float32}
     proc = export_cli(good_model, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (
-        load_file(str(tmp_path / "out" / "model.safetensors")).keys()
-        == load_file(str(good_model / "model.safetensors")).keys()
-    )
+    assert f"wrote {tmp_path / 'out'} (fp32)" in proc.stdout
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert exported.keys() == source.keys()
+    assert all(torch.equal(exported[name], source[name]) for name in source)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {config.get("torch_dtype"), config.get("dtype")} - {None} == {"float32"}
+    proc = export_cli(good_model, tmp_path / "bf16", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {tmp_path / 'bf16'} (bf16)" in proc.stdout
+    exported = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(torch.equal(exported[name], source[name].bfloat16()) for name in source)
+
+
+def test_export_refuses_model_dtype_for_its_dtype_flag(good_model, tmp_path):
+    proc = export_cli(good_model, tmp_path / "out", "model.dtype=fp32")
+    assert proc.returncode == 2 and "--dtype, not model.dtype" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_dtype_from_weights_else_config(good_model, tmp_path):
+    from safetensors.torch import save_file
+
+    checkpoint = HFCheckpoint(good_model)
+    assert source_dtype(good_model, checkpoint) == "fp32"
+    tensors = load_file(str(good_model / "model.safetensors"))
+    save_file({k: v.half() for k, v in tensors.items()}, str(good_model / "model.safetensors"))
+    assert source_dtype(good_model, HFCheckpoint(good_model)) == "fp16"
+    mixed = {k: v.bfloat16() if "norm" in k else v.half() for k, v in tensors.items()}
+    save_file(mixed, str(good_model / "model.safetensors"))
+    assert source_dtype(good_model, HFCheckpoint(good_model)) == "fp32"  # holds both exactly
+    config = json.loads((good_model / "config.json").read_text())
+    for key, value, expected in (("torch_dtype", "bfloat16", "bf16"), ("dtype", "float16", "fp16")):
+        config.pop("torch_dtype", None)
+        config.pop("dtype", None)
+        (good_model / "config.json").write_text(json.dumps({**config, key: value}))
+        assert source_dtype(good_model, None) == expected  # no weights loaded: the config's
+    (good_model / "config.json").write_text(json.dumps(config))
+    assert source_dtype(good_model, None) is None
 
 
 def test_truncated_file(good_model, tmp_path):

@@ -183,6 +183,7 @@ FULL = {
     "entropy": 1.2341,
     "entropy_z": 0.314,
     "response_length": 12.34,
+    "rollouts": 3072,
     "tokens_per_s": 2345.4,
     "pg_loss": 0.01,
     "time_rollout": 1.21,
@@ -200,7 +201,7 @@ def test_progress_line_format(tmp_path):
     log.start = time.perf_counter() - 12 * 4.1  # 12 iterations of 4.1 s: 88 x 4.1 s to go
     assert log.progress_line(12, FULL) == (
         "iter 12/100 sfpo a=0.80 reward 0.412 acc 0.406 entropy 1.234 z +0.31 len 12.3 "
-        "tok/s 2345 | rollout 1.2s reward 0.1s logp 0.3s update 2.1s sync 0.2s | "
+        "rollouts 3072 tok/s 2345 | rollout 1.2s reward 0.1s logp 0.3s update 2.1s sync 0.2s | "
         "4.1s/it eta 6m01s"
     )
 

@@ -20,9 +20,19 @@ def write_run(directory, algorithm: str, records: list[dict]) -> None:
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def rollouts(i: int, algorithm: str) -> int:
+    """Cumulative samples after iteration ``i``: the SFPO run samples an extra round on even
+    iterations (dynamic sampling), so its count is not proportional to the iteration."""
+    per_round = 32
+    if algorithm == "sfpo":
+        return per_round * (i + i // 2)
+    return per_round * i
+
+
 def training_row(i: int, algorithm: str) -> dict:
     row = {
         "iteration": i,
+        "rollouts": rollouts(i, algorithm),
         "reward_mean": 0.1 * i,
         "accuracy": 0.05 * i,
         "entropy": 2.0 - 0.1 * i,
@@ -94,6 +104,39 @@ def test_runs_are_overlaid_with_one_labelled_line_each(two_runs):
     assert legend == {"rollout", "update", "whole iteration"}
     whole = lines_by_label(time_panel)["whole iteration"]
     assert list(whole.get_ydata()) == [3.5] * ITERATIONS
+
+
+def test_against_rollouts_every_curve_is_placed_by_its_iterations_count(two_runs):
+    sfpo, grpo = (load_run(d, "rollouts") for d in two_runs)
+    figures = build_figures([sfpo, grpo])
+    reward = figures["reward"].axes[0]
+    assert reward.get_xlabel() == "rollouts"
+    lines = lines_by_label(reward)
+    for label, algorithm in (("sfpo_run (sfpo)", "sfpo"), ("grpo_run (grpo)", "grpo")):
+        expected = [rollouts(i, algorithm) for i in range(1, ITERATIONS + 1)]
+        assert list(lines[label].get_xdata()) == expected
+        assert list(lines[label].get_ydata()) == pytest.approx([0.1 * i for i in range(1, 13)])
+    # evaluations are logged apart from their iteration's training row, without the count
+    macro = lines_by_label(figures["eval"].axes[0])["sfpo_run (sfpo)"]
+    assert list(macro.get_xdata()) == [rollouts(5, "sfpo"), rollouts(10, "sfpo")]
+    entropy_lines = lines_by_label(figures["entropy"].axes[0])
+    at = rollouts(SWITCH, "sfpo")
+    assert list(entropy_lines[f"sfpo_run (sfpo): switch @ {at}"].get_xdata()) == [at, at]
+    whole = lines_by_label(figures["time"].axes[0])["whole iteration"]
+    assert list(whole.get_xdata()) == [rollouts(i, "sfpo") for i in range(1, ITERATIONS + 1)]
+    assert figures["time"].axes[0].get_xlabel() == "rollouts"
+
+
+def test_cli_plots_against_rollouts_and_refuses_runs_without_them(two_runs, tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert cli.main(["plot", *map(str, two_runs), "--out", str(out), "--x", "rollouts"]) == 0
+    assert (out / "reward.png").is_file()
+    old = tmp_path / "old_run"
+    write_run(old, "grpo", [{"iteration": 1, "reward_mean": 0.5}])
+    capsys.readouterr()
+    assert cli.main(["plot", str(old), "--x", "rollouts"]) == 2
+    assert "no 'rollouts' logged" in capsys.readouterr().err
+    assert cli.main(["plot", str(old)]) == 0  # against iterations it still plots
 
 
 def test_switch_falls_back_to_sfpo_active(tmp_path):

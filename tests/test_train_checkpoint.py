@@ -1,7 +1,8 @@
 """Training checkpoints: a run resumed from a checkpoint in a fresh launch continues bit for
 bit like the run that never stopped (model params, fp32 master weights, Adam moments and
-step, learning rate, RNG streams) under every layout below; only complete checkpoints are
-ever picked, and another layout's is refused; an asynchronous save completes at finalize."""
+step, learning rate, RNG streams, the stored KL reference policy) under every layout below;
+only complete checkpoints are ever picked, and another layout's is refused; an asynchronous
+save completes at finalize."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sfpo_megatron.checkpoint_io.train_state import (
     LATEST,
     MARKER,
     checkpoint_dir,
+    holds_reference,
     latest_complete,
     require_complete,
 )
@@ -123,6 +125,11 @@ def test_resume_is_bit_exact(out, name):
             not torch.equal(at["params"][k], after["params"][k]) for k in at["params"]
         )
         assert after["lr"] != at["lr"] and after["scheduler_steps"] == 4
+        # The reference (captured after iteration 1) came back, not the resumed build's.
+        assert mismatches(saved["reference"], resumed["reference"]) == []
+        params = list(at["params"].values())
+        assert len(saved["reference"]) == len(params)
+        assert any(not torch.equal(r, p) for r, p in zip(saved["reference"], params, strict=True))
 
 
 def test_checkpoint_files_and_latest(out):
@@ -136,6 +143,11 @@ def test_checkpoint_files_and_latest(out):
         )
         assert require_complete(newest)["iteration"] == int(newest.name[5:])
         assert not list(root.glob("*.partial"))
+        assert holds_reference(checkpoint_dir(root, 2))
+    assert not holds_reference(checkpoint_dir(out / "dp2_async", 4))  # saved without one
+    _, resumed = records(out, "dp2_async")[0]
+    expected = f"checkpoint {checkpoint_dir(out / 'dp2_async', 4)} holds no KL reference policy"
+    assert resumed["no_reference_error"] == expected
 
 
 def test_other_layouts_checkpoint_is_refused(out):

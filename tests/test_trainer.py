@@ -1,5 +1,6 @@
 """The RL loop end to end on the demo task's tokenizer: exact resume (SFPO before and after the
-entropy switch), a job killed while writing a checkpoint, and bad data / reward functions."""
+entropy switch, the warm-started KL reference included), a job killed while writing a
+checkpoint, the warm start under an LR warm-up, and bad data / reward functions."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ VOLATILE = ("time_", "seconds", "tokens_per_s")
 
 def overrides(run: Path, **extra) -> list[str]:
     """A 5-iteration SFPO run whose entropy switch fires at iteration 2 (window 2, two-sided:
-    |z| is exactly 1 there), evaluated every 2 iterations and checkpointed every iteration."""
+    |z| is exactly 1 there), evaluated every 2 iterations and checkpointed every iteration;
+    its KL reference is the warm-started policy, which only its checkpoints hold."""
     settings = {
         "model.hf_config": str(MODEL),
         "model.load_weights": "false",
@@ -43,6 +45,7 @@ def overrides(run: Path, **extra) -> list[str]:
         "algorithm.sfpo.window": 2,
         "algorithm.sfpo.tau": 0.5,
         "algorithm.sfpo.one_sided": "false",
+        "algorithm.kl_coef": 0.05,
         "rollout.max_response_length": 4,
         "data.train_files": str(TASK / "problems.jsonl"),
         "data.use_chat_template": "false",
@@ -112,6 +115,13 @@ def test_uninterrupted_run_switches_and_logs(uninterrupted):
     assert [metrics[i]["switched"] for i in range(1, 6)] == [0, 1, 1, 1, 1]
     assert all(metrics[i]["weight_version"] == i for i in metrics)
     assert all(abs(metrics[i]["rollout_logprob_gap"]) < 1e-4 for i in metrics)
+    assert all(metrics[i]["ref_kl"] > 0 for i in metrics)
+    # 4 prompts x 4 samples per sampling round, extra dynamic-sampling rounds included
+    rounds = [int(metrics[i]["sampling_rounds"]) for i in range(1, 6)]
+    assert max(rounds) > 1
+    assert [metrics[i]["rollouts"] for i in range(1, 6)] == [
+        16 * sum(rounds[:i]) for i in range(1, 6)
+    ]
     assert {"eval/macro", "eval/add", "eval/sub"} <= metrics[2].keys()
     assert "eval/macro" in metrics[4] and "eval/macro" in metrics[5]
     best = json.loads((uninterrupted / "log/best.json").read_text())
@@ -148,6 +158,37 @@ def test_killed_while_checkpointing_resumes_from_the_previous_one(uninterrupted,
     assert (ckpt / "iter_0000003.partial").exists() and not (ckpt / "iter_0000003").exists()
     train(tmp_path, **{"checkpoint.resume": "auto"})
     assert_same_result(tmp_path, uninterrupted, 2)
+
+
+def test_warm_start_trains_under_an_lr_warm_up_and_becomes_the_kl_reference(tmp_path):
+    """With an RL warm-up (whose first LR is 0) the warm start still trains, at its own LR;
+    the first RL iteration then runs at the schedule's first LR, as without a warm start, and
+    its single optimizer step starts at the KL reference: the warm-started policy."""
+    result = train(
+        tmp_path,
+        ranks=1,
+        **{
+            "algorithm.name": "grpo",
+            "algorithm.kl_coef": 0.1,
+            "optimizer.warmup_steps": 2,
+            "train.warm_start_steps": 10,
+            "train.warm_start_lr": 1e-2,
+            "train.iterations": 1,
+            "train.prompts_per_step": 2,
+            "train.mini_batch_prompts": 2,
+            "train.dynamic_sampling": "false",
+            "eval.interval": 0,
+            "checkpoint.dir": "null",
+            "checkpoint.interval": 0,
+            "checkpoint.export_hf_dir": "null",
+        },
+    )
+    nll = [float(line.split()[5]) for line in result.stdout.splitlines() if "answer nll" in line]
+    assert len(nll) == 10 and nll[-1] < nll[0] - 0.5, nll
+    metrics = stable_metrics(tmp_path)[1]
+    assert metrics["lr"] == 0.0  # the warm-up's first LR: the schedule was not touched
+    assert metrics["approx_kl"] == 0.0  # one optimizer step: the pass is at the rollout policy
+    assert metrics["ref_kl"] == 0.0  # ... which is the reference
 
 
 def test_rollouts_from_a_server_process_under_tp2(tmp_path):

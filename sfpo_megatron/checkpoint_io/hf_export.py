@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sfpo_megatron.checkpoint_io.hf_import import INDEX
+from sfpo_megatron.checkpoint_io.hf_import import INDEX, HFCheckpoint
 from sfpo_megatron.checkpoint_io.hf_mapping import rules, split
 from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.models.sharding import local_parameters, sync_params, unshard
@@ -34,6 +34,24 @@ _DTYPE_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+# The model.dtype name of a safetensors / HF config dtype.
+_SAFETENSORS_DTYPES = {"F64": "fp32", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def source_dtype(directory: str | Path, checkpoint: HFCheckpoint | None) -> str | None:
+    """The dtype (``fp32``, ``bf16``, ``fp16``) a HF checkpoint stores: its weights' floating
+    dtype (fp32 where they mix several), else, without weights, its config.json's
+    ``torch_dtype`` / ``dtype``; None when neither says."""
+    if checkpoint is not None:
+        stored = {_SAFETENSORS_DTYPES.get(dtype) for dtype in checkpoint.dtypes.values()}
+        stored.discard(None)
+        if stored:
+            return stored.pop() if len(stored) == 1 else "fp32"
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return _CONFIG_DTYPES.get(config.get("torch_dtype") or config.get("dtype"))
 
 
 def stage_leader() -> bool:

@@ -42,12 +42,16 @@ class HFCheckpoint:
             )
         self.location: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        """safetensors dtype names (``F32``, ``BF16``...) by tensor name."""
         for name in files:
             path = self.directory / name
             with self._open(path) as handle:
                 for key in handle.keys():
+                    view = handle.get_slice(key)
                     self.location[key] = path
-                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    self.shapes[key] = tuple(view.get_shape())
+                    self.dtypes[key] = view.get_dtype()
 
     @staticmethod
     def _open(path: Path):

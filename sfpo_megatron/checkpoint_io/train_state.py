@@ -1,6 +1,7 @@
 """Training checkpoints in Megatron's distributed format that resume bit-exactly: the model
 chunks, the optimizer (fp32 master weights, Adam moments and step), the LR schedule, every
-rank's RNG streams, and the trainer's own JSON state.
+rank's RNG streams, the trainer's own JSON state, and the KL reference policy when a resumed
+run could not rebuild it (it was warm-started).
 
 Layout under ``root``::
 
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +43,10 @@ from sfpo_megatron.models.gpt import unwrap
 
 if TYPE_CHECKING:
     from sfpo_megatron.actor import Actor
+    from sfpo_megatron.reference import ReferencePolicy
 
 MARKER = "COMPLETE"
+REFERENCE = "kl_reference"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -146,7 +150,23 @@ def _model_key(index: int, chunks: int) -> str:
     return "model" if chunks == 1 else f"model{index}"
 
 
-def _sharded_state_dict(actor: Actor, is_loading: bool) -> dict[str, Any]:
+def _reference_sharded(
+    model_state: dict[str, Any], frozen: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The reference policy's tensors as a model chunk's sharded entries (same shapes and
+    sharding, keys under ``kl_reference.``)."""
+    missing = frozen.keys() - model_state.keys()
+    if missing:
+        raise KeyError(f"no sharded entry for the reference's params {sorted(missing)[:3]}")
+    return {
+        name: replace(model_state[name], key=f"{REFERENCE}.{model_state[name].key}", data=tensor)
+        for name, tensor in frozen.items()
+    }
+
+
+def _sharded_state_dict(
+    actor: Actor, is_loading: bool, reference: ReferencePolicy | None
+) -> dict[str, Any]:
     metadata = {
         **_SHARDING,
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
@@ -160,6 +180,13 @@ def _sharded_state_dict(actor: Actor, is_loading: bool) -> dict[str, Any]:
     )
     state["opt_param_scheduler"] = actor.scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object()
+    if reference is not None:  # after the optimizer's entries, which map model params by key
+        state[REFERENCE] = {
+            _model_key(i, len(actor.chunks)): _reference_sharded(
+                state[_model_key(i, len(actor.chunks))], frozen
+            )
+            for i, frozen in enumerate(reference.by_name())
+        }
     return state
 
 
@@ -233,10 +260,16 @@ class CheckpointManager:
         self.async_save = async_save
         self._queue = AsyncCallsQueue() if async_save else None
 
-    def save(self, iteration: int, actor: Actor, state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        iteration: int,
+        actor: Actor,
+        state: dict[str, Any],
+        reference: ReferencePolicy | None = None,
+    ) -> Path:
         """Collective on all ranks. ``state`` (JSON, the same on every rank) is stored as
-        trainer_state.json. Returns the checkpoint's final path (for an asynchronous save,
-        where it will be once finalized)."""
+        trainer_state.json, ``reference`` (if given) beside the model. Returns the checkpoint's
+        final path (for an asynchronous save, where it will be once finalized)."""
         trainer_state = json.dumps(state, indent=1)  # raises on every rank if it cannot
         self.finalize()
         final = checkpoint_dir(self.root, iteration)
@@ -251,13 +284,13 @@ class CheckpointManager:
             parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
         request = dist_checkpointing.save(
-            _sharded_state_dict(actor, is_loading=False),
+            _sharded_state_dict(actor, is_loading=False, reference=reference),
             str(staging),
             strategy,
             async_sharded_save=self.async_save,
             content_metadata=dict(_SHARDING),
         )
-        marker = {"iteration": iteration, **_layout(actor)}
+        marker = {"iteration": iteration, **_layout(actor), REFERENCE: reference is not None}
         commit = partial(_commit, staging, final, trainer_state, marker)
         if request is None:
             commit()
@@ -272,10 +305,18 @@ class CheckpointManager:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
 
+def holds_reference(path: str | Path) -> bool:
+    """Whether the complete checkpoint at ``path`` stores a KL reference policy."""
+    return bool(require_complete(path).get(REFERENCE))
+
+
 @torch.no_grad()
-def load_checkpoint(path: str | Path, actor: Actor) -> dict[str, Any]:
-    """Collective: restore ``actor`` (model, optimizer, LR schedule) and this rank's RNG
-    streams from the complete checkpoint at ``path``; returns the trainer state saved with it.
+def load_checkpoint(
+    path: str | Path, actor: Actor, reference: ReferencePolicy | None = None
+) -> dict[str, Any]:
+    """Collective: restore ``actor`` (model, optimizer, LR schedule), this rank's RNG streams
+    and ``reference`` (if given; the checkpoint must hold one, see :func:`holds_reference`)
+    from the complete checkpoint at ``path``; returns the trainer state saved with it.
 
     The layout must be the one that wrote the checkpoint."""
     path = Path(path)
@@ -285,12 +326,19 @@ def load_checkpoint(path: str | Path, actor: Actor) -> dict[str, Any]:
         raise ValueError(
             f"checkpoint {path} was written with layout {saved}; this run is {_layout(actor)}"
         )
+    if reference is not None and not marker.get(REFERENCE):
+        raise ValueError(f"checkpoint {path} holds no KL reference policy")
     _materialize_adam_state(actor)
-    state = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True), str(path))
+    state = dist_checkpointing.load(
+        _sharded_state_dict(actor, is_loading=True, reference=reference), str(path)
+    )
     for i, chunk in enumerate(actor.chunks):
         chunk.load_state_dict(state[_model_key(i, len(actor.chunks))])
     actor.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(actor)
     actor.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng(state["rng_state"][parallel_state.get_data_parallel_rank()])
+    if reference is not None:
+        keys = [_model_key(i, len(actor.chunks)) for i in range(len(actor.chunks))]
+        reference.load([state[REFERENCE][key] for key in keys])
     return json.loads((path / TRAINER_STATE).read_text())

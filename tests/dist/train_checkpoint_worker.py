@@ -1,13 +1,15 @@
 """Save and resume training checkpoints under several layouts in one torchrun launch.
 
-``save`` phase, per layout: train 2 iterations, save at iteration 2, record what the
-checkpoint holds and a draw from every RNG, train 2 more iterations and record again.
-``resume`` phase (a fresh launch), per layout: build the actor from another seed, load the
-checkpoint, record the same things at the same points. Each rank writes its records to
-OUT/NAME.PHASE.rankR.pt; the test compares them.
+``save`` phase, per layout: train 2 iterations, save at iteration 2 with a KL reference
+policy captured after iteration 1, record what the checkpoint holds and a draw from every RNG,
+train 2 more iterations and record again. ``resume`` phase (a fresh launch), per layout: build
+the actor (and its reference) from another seed, load the checkpoint, record the same things
+at the same points. Each rank writes its records to OUT/NAME.PHASE.rankR.pt; the test
+compares them.
 
-An asynchronous layout also saves at iteration 4, and records whether each checkpoint
-directory is complete before and after the save is finalized.
+An asynchronous layout also saves at iteration 4 (without a reference), and records whether
+each checkpoint directory is complete before and after the save is finalized; resuming, it
+records the error of asking that checkpoint for a reference.
 
 Usage: torchrun --nproc_per_node N train_checkpoint_worker.py {save,resume} SPEC.json
 SPEC: {"out": dir, "layouts": {name: {"overrides": [...], "async": bool, "foreign": name}}}
@@ -81,18 +83,22 @@ def run_layout(phase: str, layout: dict, root: Path) -> dict:
     from sfpo_megatron.config import load_config
     from sfpo_megatron.distributed import init_distributed
     from sfpo_megatron.models.arch import read_hf_config
+    from sfpo_megatron.reference import ReferencePolicy
 
     overrides = layout["overrides"] + ([f"model.seed={RESUME_SEED}"] if phase == "resume" else [])
     cfg = load_config(None, overrides)
     arch = read_hf_config(cfg.model.hf_config)
     init_distributed(cfg, arch)
     actor = Actor.build(cfg, arch)
+    reference = ReferencePolicy(actor)
     record: dict = {}
     if phase == "save":
         for iteration in range(1, SAVE_AT + 1):
             train_iteration(actor, arch, iteration)
+            if iteration == 1:
+                reference.capture()
         manager = CheckpointManager(root, async_save=layout["async"])
-        manager.save(SAVE_AT, actor, {"iteration": SAVE_AT, "cursor": [3, 1]})
+        manager.save(SAVE_AT, actor, {"iteration": SAVE_AT, "cursor": [3, 1]}, reference)
         record["dirs_after_save"] = completeness(root)
     else:
         if "foreign" in layout:  # another layout's checkpoint must be refused
@@ -102,7 +108,13 @@ def run_layout(phase: str, layout: dict, root: Path) -> dict:
                 record["foreign_error"] = str(error)
         # The asynchronous layout also saved a later checkpoint: name the one to resume.
         path = checkpoint_dir(root, SAVE_AT) if layout["async"] else latest_complete(root)
-        record["trainer_state"] = load_checkpoint(path, actor)
+        if layout["async"]:
+            try:
+                load_checkpoint(latest_complete(root), actor, reference)
+            except ValueError as error:
+                record["no_reference_error"] = str(error)
+        record["trainer_state"] = load_checkpoint(path, actor, reference)
+    record["reference"] = [t.clone() for t in reference.frozen]
     record["at_checkpoint"] = snapshot(actor)
     record["draws"] = draws()
     for iteration in range(SAVE_AT + 1, SAVE_AT + 3):
