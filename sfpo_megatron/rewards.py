@@ -48,7 +48,7 @@ class RewardTimeoutWarning(RewardWarning):
 
 
 class RewardFailure(RuntimeError):
-    """Too many samples of one sampling round hit reward errors (``reward.max_error_fraction``):
+    """Too many samples of one iteration hit reward errors (``reward.max_error_fraction``):
     the run would train on zeros."""
 
 
@@ -208,7 +208,7 @@ def check_error_fraction(errors: int, samples: int, max_fraction: float, spec: s
     ``max_fraction`` of them."""
     if errors and errors >= max_fraction * samples:
         raise RewardFailure(
-            f"{errors} of {samples} samples of this sampling round hit a reward error in "
+            f"{errors} of {samples} samples of this iteration hit a reward error in "
             f"reward.fn={spec!r} (the warnings above say why), reaching "
             f"reward.max_error_fraction={max_fraction:g}: stopping rather than training on "
             "zeros"

@@ -15,7 +15,6 @@ from sfpo_megatron.rewards import (
     REWARD_SIGNATURE,
     RewardComputer,
     RewardFn,
-    check_error_fraction,
     probe_reward_fn,
 )
 from sfpo_megatron.rollout.base import RolloutEngine, SamplingParams
@@ -56,9 +55,7 @@ class RolloutScorer:
     """Generates ``n`` samples per prompt and scores them against the reference answers.
 
     Only rank 0 holds ``engine``, ``decode`` and ``rewards`` (None elsewhere); :meth:`sample` is
-    collective and returns identical results on every rank. A round whose reward errors reach
-    ``max_error_fraction`` of its samples raises :class:`~sfpo_megatron.rewards.RewardFailure`
-    on every rank (``reward_spec`` names the function).
+    collective and returns identical results on every rank.
     """
 
     def __init__(
@@ -67,27 +64,17 @@ class RolloutScorer:
         decode: Callable[[list[int]], str] | None,
         rewards: RewardComputer | None,
         recover: Callable[[], bool] = lambda: False,
-        reward_spec: str = "",
-        max_error_fraction: float = 1.0,
     ) -> None:
         self.engine, self.decode, self.rewards = engine, decode, rewards
         self.recover = recover
-        self.reward_spec, self.max_error_fraction = reward_spec, max_error_fraction
 
     def sample(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
         """Collective. A rollout failure on rank 0 reaches every rank (none is left waiting for
         samples that never come); the batch is sampled once more if ``recover()`` (collective)
-        brought the engine back, else :class:`RolloutError` is raised everywhere. Too many
-        reward errors raise :class:`~sfpo_megatron.rewards.RewardFailure` everywhere."""
-        scored, stats = retried(
-            lambda: on_lead(lambda: self._sample_here(items, params)), self.recover
-        )
-        # The same stats on every rank, so every rank stops here together.
-        errors, samples = int(stats["reward_errors"]), len(scored.rewards)
-        check_error_fraction(errors, samples, self.max_error_fraction, self.reward_spec)
-        return scored, stats
+        brought the engine back, else :class:`RolloutError` is raised everywhere."""
+        return retried(lambda: on_lead(lambda: self._sample_here(items, params)), self.recover)
 
     def _sample_here(
         self, items: list[BatchItem], params: SamplingParams

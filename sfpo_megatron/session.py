@@ -86,12 +86,7 @@ class Session:
                 RewardComputer(cfg.reward.fn, cfg.reward.workers, cfg.reward.timeout_s)
             )
         self.scorer = RolloutScorer(
-            self.rollout.engine,
-            self._decode if self.rank0 else None,
-            rewards,
-            self._recover,
-            cfg.reward.fn,
-            cfg.reward.max_error_fraction,
+            self.rollout.engine, self._decode if self.rank0 else None, rewards, self._recover
         )
         self.checkpoints = (
             CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.async_save)

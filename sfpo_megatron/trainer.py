@@ -17,6 +17,7 @@ from sfpo_megatron.distributed import init_distributed, shutdown
 from sfpo_megatron.experience import ScoredGroups, policy_batch, select_groups
 from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
 from sfpo_megatron.models.gpt import build_model
+from sfpo_megatron.rewards import check_error_fraction
 from sfpo_megatron.rollouts import solved
 from sfpo_megatron.session import Session
 
@@ -94,7 +95,9 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
 def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
     """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
     enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
-    counts into the session's cumulative ``rollouts``."""
+    counts into the session's cumulative ``rollouts``. Raises
+    :class:`~sfpo_megatron.rewards.RewardFailure` on every rank (their stats are the same) when
+    reward errors reach ``reward.max_error_fraction`` of the iteration's samples."""
     t = s.cfg.train
     rounds: list[ScoredGroups] = []
     totals: dict[str, float] = {}
@@ -109,6 +112,8 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
         if informative >= t.prompts_per_step:
             break
     rewards = [r for scored in rounds for r in scored.rewards]
+    r = s.cfg.reward
+    check_error_fraction(int(totals["reward_errors"]), len(rewards), r.max_error_fraction, r.fn)
     s.rollouts += len(rewards)
     totals["rollouts"] = s.rollouts
     totals["reward_mean"] = sum(rewards) / len(rewards)

@@ -245,7 +245,7 @@ def test_bad_inputs_exit_2_before_training(tmp_path):
 
 def test_reward_errors_past_the_limit_stop_every_rank(tmp_path):
     """A function that passes the start-up probe (the answer as the response) but raises on
-    other responses: with reward.max_error_fraction=0 the first round stops both ranks."""
+    other responses: with reward.max_error_fraction=0 the first iteration stops both ranks."""
     reward = tmp_path / "reward.py"
     reward.write_text(
         "def picky(response, answer, source):\n"
@@ -270,5 +270,5 @@ def test_reward_errors_past_the_limit_stop_every_rank(tmp_path):
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1], errors[0][-3000:]
     for stderr in errors:
-        assert "samples of this sampling round hit a reward error in reward.fn=" in stderr
+        assert "samples of this iteration hit a reward error in reward.fn=" in stderr
         assert "reward.max_error_fraction=0:" in stderr and "Traceback" not in stderr
