@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from sfpo_megatron.models.arch import ModelArch
 
 
+SEEDS_PER_ITERATION = 64
+"""Sampling seeds each iteration owns: one per dynamic-sampling round, the last evaluation's."""
+MAX_SAMPLING_ROUNDS = SEEDS_PER_ITERATION - 1
+
+
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the key and the rule."""
 
@@ -43,6 +48,11 @@ def validate(cfg: Config) -> None:
         ("eval.k", cfg.eval.k),
     ]:
         _require(value >= 1, f"{key}={value} must be >= 1")
+    _require(
+        t.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
+        f"train.max_sampling_rounds={t.max_sampling_rounds} must be <= {MAX_SAMPLING_ROUNDS} "
+        f"(each round of an iteration draws from its own sampling seed)",
+    )
     _require(
         p.data is None or p.data >= 1, f"parallel.data={p.data} must be >= 1 (or null to derive)"
     )

@@ -24,7 +24,7 @@ from sfpo_megatron.checkpoint_io.train_state import (
     load_checkpoint,
 )
 from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import ConfigError
+from sfpo_megatron.config_rules import SEEDS_PER_ITERATION, ConfigError
 from sfpo_megatron.data import (
     Encoder,
     PromptSet,
@@ -42,6 +42,16 @@ from sfpo_megatron.rollouts import RolloutScorer, check_reward_fn, retried
 from sfpo_megatron.stop_request import StopRequest
 from sfpo_megatron.tokenizer_check import check_tokenizer
 from sfpo_megatron.warm_start import warm_start
+
+EVAL_SLOT = SEEDS_PER_ITERATION - 1
+"""The seed slot of an iteration's evaluation; training rounds use the slots below it."""
+
+
+def sampling_seed(data_seed: int, iteration: int, slot: int) -> int:
+    """The sampling seed of one round (``slot`` = its index) or of the evaluation
+    (:data:`EVAL_SLOT`) of ``iteration``: distinct for every (iteration, slot), and a function
+    of nothing else, so a resumed run draws the same samples as an uninterrupted one."""
+    return data_seed * 1_000_003 + iteration * SEEDS_PER_ITERATION + slot
 
 
 class Session:
@@ -225,7 +235,7 @@ class Session:
             top_k=r.top_k,
             max_new_tokens=r.max_response_length,
             stop_token_ids=(self.tokenizer.eos_token_id,),
-            seed=self.cfg.data.seed * 1_000_003 + iteration * 64 + round_index,
+            seed=sampling_seed(self.cfg.data.seed, iteration, round_index),
         )
 
     def sync(self, version: int) -> None:
@@ -288,7 +298,7 @@ class Session:
             top_p=e.top_p,
             max_new_tokens=self.cfg.rollout.max_response_length,
             stop_token_ids=(self.tokenizer.eos_token_id,),
-            seed=self.cfg.data.seed * 1_000_003 + iteration * 64 + 63,
+            seed=sampling_seed(self.cfg.data.seed, iteration, EVAL_SLOT),
         )
         result = self.scorer.evaluate(self.eval_items, params, self.cfg.train.prompts_per_step)
         if self.best is None or result["eval/macro"] > self.best["eval/macro"]:

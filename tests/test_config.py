@@ -11,6 +11,7 @@ from sfpo_megatron import cli
 from sfpo_megatron.config import load_config
 from sfpo_megatron.config_rules import ConfigError, stop_signal, validate_layout, validate_lengths
 from sfpo_megatron.models.arch import read_hf_config
+from sfpo_megatron.session import EVAL_SLOT, sampling_seed
 
 from conftest import write_hf_config
 
@@ -83,6 +84,7 @@ def test_unknown_key_suggests_the_close_one(model_dir):
         (["checkpoint.stop_signals=[USR1, FOO]"], "checkpoint.stop_signals: 'FOO' is not a signal"),
         (["checkpoint.stop_signals=KILL"], "checkpoint.stop_signals: 'KILL'"),
         (["checkpoint.stop_file=''"], "checkpoint.stop_file"),
+        (["train.max_sampling_rounds=64"], "train.max_sampling_rounds=64 must be <= 63"),
     ],
 )
 def test_static_rules(model_dir, overrides, key):
@@ -219,3 +221,11 @@ def test_cli_refuses_bad_lengths_and_warm_start_before_anything_runs(model_dir, 
     assert cli.main(["train", str(config), "model.load_weights=false"]) == 2
     assert "max_position_embeddings=256" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sampling_seeds_are_distinct_for_every_iteration_round_and_evaluation(model_dir):
+    load(model_dir, f"train.max_sampling_rounds={EVAL_SLOT}")  # the most rounds allowed
+    slots = [*range(EVAL_SLOT), EVAL_SLOT]
+    seeds = [sampling_seed(7, it, slot) for it in range(1, 200) for slot in slots]
+    assert len(set(seeds)) == len(seeds)
+    assert sampling_seed(7, 3, 0) == sampling_seed(7, 3, 0) != sampling_seed(8, 3, 0)
