@@ -208,6 +208,8 @@ class EvalConfig:
 class LoggingConfig:
     output_dir: str = "runs/default"
     log_interval: int = 1
+    """Print the progress line every this many iterations (and after evaluations and the last
+    one); metrics.jsonl gets every iteration."""
     tensorboard: bool = False
     """Also write TensorBoard event files to ``output_dir/tensorboard``."""
     wandb_project: str | None = None
