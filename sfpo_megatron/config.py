@@ -52,6 +52,10 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     timeout_s: int = 600
     """Collective timeout: a dead rank makes the others fail after this long."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """"nccl" needs CUDA; "gloo" forces CPU mode (Megatron's CUDA calls patched onto the CPU,
+    refused where CUDA works); "auto" = nccl with CUDA, gloo only on a machine with no GPU
+    (GPUs that CUDA cannot use are an error, not a silent CPU run)."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import re
 import socket
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron import cpu_compat
 from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import validate_layout
+from sfpo_megatron.config_rules import ConfigError, validate_layout
 from sfpo_megatron.models.arch import ModelArch
 
 
@@ -80,28 +82,64 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def use_cuda() -> bool:
-    return torch.cuda.is_available()
+def nvidia_gpus_present() -> bool:
+    """Whether this machine shows NVIDIA GPUs, whatever torch makes of them: device files,
+    the driver's GPU list, or CUDA_VISIBLE_DEVICES naming a device (an index or a UUID)."""
+    if glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"):
+        return True
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return first.isdigit() or first.startswith(("GPU-", "MIG-"))
+
+
+def choose_backend(requested: str, cuda_available: bool, gpus_present: bool) -> str:
+    """The process-group backend for ``parallel.backend``: "nccl" (CUDA) or "gloo" (CPU, with
+    the cpu_compat patches). "auto" picks gloo only on a machine without GPUs, so a GPU node
+    whose CUDA is broken fails here instead of training on its CPUs."""
+    if requested == "nccl" and not cuda_available:
+        raise ConfigError(
+            "parallel.backend=nccl needs CUDA, but torch.cuda.is_available() is False "
+            "(torch built without CUDA, or no usable GPU/driver)"
+        )
+    if requested == "gloo" and cuda_available:
+        raise ConfigError(
+            "parallel.backend=gloo runs on the CPU with patches that would corrupt a GPU "
+            "run, but CUDA is available here: use parallel.backend=auto or nccl"
+        )
+    if requested == "auto" and not cuda_available and gpus_present:
+        raise ConfigError(
+            "parallel.backend=auto: NVIDIA GPUs were found but CUDA is unusable (torch built "
+            "without CUDA? driver missing or mismatched?); GPUs seen via /dev/nvidia*, "
+            "/proc/driver/nvidia or CUDA_VISIBLE_DEVICES. Fix CUDA, or set "
+            "parallel.backend=gloo to force CPU mode"
+        )
+    if requested == "auto":
+        return "nccl" if cuda_available else "gloo"
+    return requested
+
+
+_cpu_compat_ours = False
+"""Whether init_distributed enabled cpu_compat, so that shutdown gives the patches back."""
 
 
 def init_distributed(cfg: Config, arch: ModelArch, launch: LaunchEnv | None = None) -> int:
-    """Check the layout against the model and world, then start torch.distributed (NCCL on
-    GPU, gloo on CPU) and Megatron's TP/PP/VPP/DP groups.
+    """Check the layout against the model and world, then start torch.distributed (the
+    backend from :func:`choose_backend`) and Megatron's TP/PP/VPP/DP groups.
 
-    On CPU this also enables :mod:`sfpo_megatron.cpu_compat`. Returns the data-parallel size.
+    With gloo this also enables :mod:`sfpo_megatron.cpu_compat` (until :func:`shutdown`).
+    Returns the data-parallel size.
     """
+    global _cpu_compat_ours
     from megatron.core import parallel_state
 
     launch = launch or read_launch_env()
     dp = validate_layout(cfg, arch, launch.world_size)
-    if use_cuda():
+    cuda = torch.cuda.is_available()
+    backend = choose_backend(cfg.parallel.backend, cuda, nvidia_gpus_present())
+    if backend == "nccl":
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        from sfpo_megatron import cpu_compat
-
+    elif not cpu_compat.enabled():
         cpu_compat.enable()
-        backend = "gloo"
+        _cpu_compat_ours = True
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -125,9 +163,15 @@ def init_distributed(cfg: Config, arch: ModelArch, launch: LaunchEnv | None = No
 
 
 def shutdown() -> None:
+    """Tear down Megatron's groups and torch.distributed, and undo the CPU patches if
+    :func:`init_distributed` applied them."""
+    global _cpu_compat_ours
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _cpu_compat_ours:
+        cpu_compat.disable()
+        _cpu_compat_ours = False

@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import REPO, free_ports, srun_env, torchrun
 
 CONFIG = REPO / "examples" / "configs" / "demo.yaml"
@@ -96,6 +99,14 @@ def test_config_errors_exit_2_with_the_key(tmp_path):
     assert "parallel.tensor=3 must divide the model's num_attention_heads=4" in proc.stderr
     proc = run_cli("train", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+def test_nccl_without_cuda_exits_2_naming_the_backend():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine")
+    proc = run_cli("train", str(CONFIG), "parallel.backend=nccl")
+    assert proc.returncode == 2
+    assert "parallel.backend=nccl needs CUDA" in proc.stderr
 
 
 def test_slurm_style_launch_without_torchrun(tmp_path):
