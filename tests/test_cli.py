@@ -179,7 +179,7 @@ def test_empty_dataset_and_all_prompts_too_long_are_errors(tmp_path):
 
 def test_dataset_smaller_than_a_batch_repeats_prompts(tmp_path):
     """One prompt and two prompts per step: the batch wraps into the next epoch. The row has
-    no answer, which data.require_answer=false accepts (as "")."""
+    no answer, which data.require_answer=false accepts (as "") without a warm start.""""
     data = write_rows(tmp_path / "one.jsonl", [{"prompt": "1+2="}])
     proc = run_cli(
         "train",
@@ -188,6 +188,7 @@ def test_dataset_smaller_than_a_batch_repeats_prompts(tmp_path):
         "train.iterations=2",
         f"data.train_files=[{data}]",
         "data.require_answer=false",
+        "train.warm_start_steps=0",  # a warm start needs the answers
         f"logging.output_dir={tmp_path / 'log'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
