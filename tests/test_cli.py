@@ -179,7 +179,7 @@ def test_empty_dataset_and_all_prompts_too_long_are_errors(tmp_path):
 
 def test_dataset_smaller_than_a_batch_repeats_prompts(tmp_path):
     """One prompt and two prompts per step: the batch wraps into the next epoch. The row has
-    no answer, which data.require_answer=false accepts (as "") without a warm start.""""
+    no answer, which data.require_answer=false accepts (as "") without a warm start."""
     data = write_rows(tmp_path / "one.jsonl", [{"prompt": "1+2="}])
     proc = run_cli(
         "train",
