@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.batch import PolicyBatch
 
 GEMM_REPEATS = 5
 SHAPE_FLAGS = ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")
@@ -182,12 +182,12 @@ def matmul_params(actor, shape: Shape) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Build the actor once, then time ``--steps`` train passes at each sequence length."""
-    from sfpo_megatron.actor import Actor
     from sfpo_megatron.config import load_config
-    from sfpo_megatron.distributed import shutdown
+    from sfpo_megatron.launch.parallel import shutdown
     from sfpo_megatron.models.spec import have_transformer_engine
-    from sfpo_megatron.plan import plan_memory
-    from sfpo_megatron.trainer import start
+    from sfpo_megatron.policy.actor import Actor
+    from sfpo_megatron.tools.plan import plan_memory
+    from sfpo_megatron.training.loop import start
 
     args = parse_args(argv)
     shape = shape_from_args(args)

@@ -29,7 +29,7 @@ from bench_actor import (
     write_hf_config,
 )
 
-from sfpo_megatron.rollout.base import Bucket, SamplingParams
+from sfpo_megatron.common.samples import Bucket, SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

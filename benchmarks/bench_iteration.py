@@ -27,7 +27,7 @@ import torch
 import yaml
 from bench_actor import add_shape_args, device_name, resolve_dtype, shape_from_args, write_hf_config
 
-from sfpo_megatron.metrics import read_metrics
+from sfpo_megatron.training.metrics import read_metrics
 
 REWARD = '''def parity(response, answer, source):
     """Random-looking but deterministic: groups are rarely uniform, so advantages are not 0."""

@@ -24,16 +24,16 @@ import torch
 from bench_actor import timed
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from sfpo_megatron.actor import Actor
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import free_port, shutdown
+from sfpo_megatron.launch.parallel import free_port, shutdown
 from sfpo_megatron.models.gpt import DTYPES
+from sfpo_megatron.policy.actor import Actor
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import SGLangClient
+from sfpo_megatron.sync.broadcast import DistributedSync
 from sfpo_megatron.sync.colocated import ColocatedSync
-from sfpo_megatron.sync.distributed import DistributedSync
 from sfpo_megatron.sync.in_process import sync_in_process
-from sfpo_megatron.trainer import start
+from sfpo_megatron.training.loop import start
 
 
 def copy_seconds(nbytes: int, repeats: int) -> float:

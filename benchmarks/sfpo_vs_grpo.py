@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from sfpo_megatron.config import load_config
-from sfpo_megatron.metrics import read_metrics
+from sfpo_megatron.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "configs" / "demo.yaml"

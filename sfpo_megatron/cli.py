@@ -12,8 +12,8 @@ import logging
 import sys
 import warnings
 
+from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import load_config
-from sfpo_megatron.config_rules import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                 help="dtype written (default: the source checkpoint's; model.dtype is not used)",
             )
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    from sfpo_megatron import plan_cli
+    from sfpo_megatron.tools import plan_cli
 
     plan_cli.add_arguments(
         commands.add_parser("plan", help="per-GPU memory of a model under a layout, or a search")
@@ -63,12 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"sfpo-megatron: {error}", file=sys.stderr)
         return 2
-    from sfpo_megatron.checkpoint_io.hf_import import CheckpointError
-    from sfpo_megatron.data import DataError
+    from sfpo_megatron.common.errors import CheckpointError, DataError
+    from sfpo_megatron.data.rewards import RewardFailure
     from sfpo_megatron.models.arch import UnsupportedModelError
-    from sfpo_megatron.rewards import RewardFailure
-    from sfpo_megatron.stop_request import EXIT_STATUS, StopRequested
-    from sfpo_megatron.trainer import export_hf, train
+    from sfpo_megatron.training.loop import export_hf, train
+    from sfpo_megatron.training.stop_request import EXIT_STATUS, StopRequested
 
     try:
         if args.command == "train":
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(run_dirs: list[str], out: str | None, x: str) -> int:
-    from sfpo_megatron.plot import PlotError, plot_runs
+    from sfpo_megatron.tools.plot import PlotError, plot_runs
 
     try:
         plot_runs(run_dirs, out, x)

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from sfpo_megatron.config_rules import ConfigError, validate
+from sfpo_megatron.common.errors import ConfigError
+from sfpo_megatron.config_rules import validate
 
 
 @dataclass
@@ -235,7 +236,8 @@ class CheckpointConfig:
     export_shard_mb: float = 2048
     stop_signals: list[str] = field(default_factory=lambda: ["USR1"])
     """Signals that ask the trainer to stop early: it finishes the current iteration, saves
-    its checkpoint and exits with the status :data:`sfpo_megatron.stop_request.EXIT_STATUS`.
+    its checkpoint and exits with the status
+    :data:`sfpo_megatron.training.stop_request.EXIT_STATUS`.
     Names as ``kill -l`` lists them (``USR1``, ``USR2``, ``INT``; ``SIG`` prefix optional);
     [] = none. ``TERM`` is left alone by default: torchrun forwards it to its ranks and kills
     them after a short grace, too soon for a checkpoint."""

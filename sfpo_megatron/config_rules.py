@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING
 
+from sfpo_megatron.common.errors import ConfigError
+
 if TYPE_CHECKING:
     from sfpo_megatron.config import Config, OptimizerConfig, TrainConfig
     from sfpo_megatron.models.arch import ModelArch
@@ -18,10 +20,6 @@ if TYPE_CHECKING:
 SEEDS_PER_ITERATION = 64
 """Sampling seeds each iteration owns: one per dynamic-sampling round, the last evaluation's."""
 MAX_SAMPLING_ROUNDS = SEEDS_PER_ITERATION - 1
-
-
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message names the key and the rule."""
 
 
 def _require(ok: bool, message: str) -> None:

@@ -168,8 +168,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: bool = False):
     """The embedded engine's HTTP server on a free port, started and healthy. A port another
     process takes between choosing and binding it is retried on a new one."""
+    from sfpo_megatron.common.errors import RolloutError
     from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
-    from sfpo_megatron.rollout.sglang_client import RolloutError
 
     for attempt in range(3):
         port = free_ports()

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sfpo_megatron.protocol.flat_bucket import flatten
+from sfpo_megatron.protocol.ipc import decode_bucket, encode_bucket
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.http_server import EngineServer, RequestError
 from sfpo_megatron.rollout.launcher import ServerProcess
-from sfpo_megatron.sync.colocated import decode_bucket, encode_bucket
-from sfpo_megatron.sync.flat_bucket import flatten
 
 from conftest import (
     REPO,
@@ -97,7 +97,7 @@ def test_an_unrelated_process_reads_the_entry(tmp_path):
     (tmp_path / "entry").write_text(encode_bucket(flat))
     script = (
         "import sys, torch\n"
-        "from sfpo_megatron.sync.colocated import decode_bucket\n"
+        "from sfpo_megatron.protocol.ipc import decode_bucket\n"
         "out = decode_bucket(open(sys.argv[1]).read())\n"
         "print([(n, t.dtype == torch.bfloat16, float(t.double().sum())) for n, t in out])\n"
     )

@@ -11,8 +11,8 @@ from conftest import REPO, write_hf_config
 IMPORT_EVERYTHING = """
 import torch
 original = (torch.cuda.current_device, torch.Tensor.type, torch.cuda.synchronize)
-import sfpo_megatron, sfpo_megatron.actor, sfpo_megatron.trainer, sfpo_megatron.cli
-from sfpo_megatron import cpu_compat
+import sfpo_megatron, sfpo_megatron.policy.actor, sfpo_megatron.training.loop, sfpo_megatron.cli
+from sfpo_megatron.launch import cpu_compat
 assert not cpu_compat.enabled()
 assert (torch.cuda.current_device, torch.Tensor.type, torch.cuda.synchronize) == original
 assert torch.zeros(1).type() == "torch.FloatTensor"
@@ -23,7 +23,7 @@ REFUSED_WITH_CUDA = """
 import torch
 torch.cuda.is_available = lambda: True
 original = torch.Tensor.type
-from sfpo_megatron import cpu_compat
+from sfpo_megatron.launch import cpu_compat
 try:
     cpu_compat.enable()
 except RuntimeError as error:
@@ -34,7 +34,7 @@ except RuntimeError as error:
 
 ENABLED = """
 import torch
-from sfpo_megatron import cpu_compat
+from sfpo_megatron.launch import cpu_compat
 cpu_compat.enable()
 assert torch.zeros(2, device="cuda").device.type == "cpu"
 assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
@@ -56,7 +56,7 @@ PATCHED = (
 DISABLED = f"""
 import torch
 from megatron.core.tensor_parallel import random as mp_random
-from sfpo_megatron import cpu_compat
+from sfpo_megatron.launch import cpu_compat
 patched = [{PATCHED}]
 before = [getattr(owner, name) for owner, name in patched]
 own = [name in vars(owner) for owner, name in patched]
@@ -87,9 +87,9 @@ print("restored")
 SHUTDOWN = """
 import sys
 import torch
-from sfpo_megatron import cpu_compat
+from sfpo_megatron.launch import cpu_compat
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import LaunchEnv, free_port, init_distributed, shutdown
+from sfpo_megatron.launch.parallel import LaunchEnv, free_port, init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 original = torch.Tensor.type
 cfg = load_config(None, [f"model.hf_config={sys.argv[1]}"])

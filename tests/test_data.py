@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sfpo_megatron.data import (
-    DataError,
-    PromptRecord,
-    PromptSet,
-    chat_template_encoder,
-    load_prompts,
-)
+from sfpo_megatron.common.errors import DataError
+from sfpo_megatron.data.prompts import PromptRecord, PromptSet, chat_template_encoder, load_prompts
 
 
 def write_jsonl(path: Path, lines: list[str | dict | list]) -> str:

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from sfpo_megatron.config import load_config
-from sfpo_megatron.data import load_prompts, load_tokenizer
+from sfpo_megatron.data.prompts import load_prompts, load_tokenizer
+from sfpo_megatron.data.rewards import load_reward_fn
 from sfpo_megatron.models.arch import read_hf_config
-from sfpo_megatron.rewards import load_reward_fn
 
 from conftest import REPO
 

@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sfpo_megatron.checkpoint_io.hf_export import source_dtype
-from sfpo_megatron.checkpoint_io.hf_import import CheckpointError, HFCheckpoint
+from sfpo_megatron.common.errors import CheckpointError
+from sfpo_megatron.hf.export import source_dtype
+from sfpo_megatron.hf.load import HFCheckpoint
 from sfpo_megatron.models.arch import read_hf_config
 
 from conftest import REPO, TESTS, save_random_hf_model, torchrun

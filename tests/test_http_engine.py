@@ -14,10 +14,11 @@ import pytest
 import torch
 from sglang_schema import validate_request
 
-from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.common.errors import RolloutError
+from sfpo_megatron.common.samples import SamplingParams
+from sfpo_megatron.protocol.flat_bucket import flatten, layout, unflatten
 from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
-from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
-from sfpo_megatron.sync.flat_bucket import flatten, layout, unflatten
+from sfpo_megatron.rollout.sglang_client import SGLangClient
 
 from conftest import (
     TESTS,

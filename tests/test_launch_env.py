@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sfpo_megatron import cpu_compat, distributed
+from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import load_config
-from sfpo_megatron.config_rules import ConfigError
-from sfpo_megatron.distributed import (
+from sfpo_megatron.launch import cpu_compat
+from sfpo_megatron.launch import parallel as distributed
+from sfpo_megatron.launch.parallel import (
     choose_backend,
     first_slurm_host,
     nvidia_gpus_present,

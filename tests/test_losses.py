@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfpo_megatron.config import AlgorithmConfig
-from sfpo_megatron.losses import (
+from sfpo_megatron.policy.losses import (
     grpo_token_loss,
     low_variance_kl,
     vocab_parallel_logprob_entropy,

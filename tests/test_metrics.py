@@ -10,11 +10,16 @@ import types
 
 import pytest
 
-from sfpo_megatron import files as files_mod
-from sfpo_megatron import metrics as metrics_mod
+from sfpo_megatron.common import files as files_mod
+from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import LoggingConfig
-from sfpo_megatron.config_rules import ConfigError
-from sfpo_megatron.metrics import MetricsFileError, MetricsLog, format_duration, read_metrics
+from sfpo_megatron.training import metrics as metrics_mod
+from sfpo_megatron.training.metrics import (
+    MetricsFileError,
+    MetricsLog,
+    format_duration,
+    read_metrics,
+)
 
 RUN_CONFIG = {"algorithm": {"name": "sfpo", "sfpo": {"alpha": 0.8}}, "train": {"iterations": 5}}
 

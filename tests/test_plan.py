@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from sfpo_megatron import plan, plan_cli
+from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import load_config
-from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.models.arch import read_hf_config
+from sfpo_megatron.tools import plan, plan_cli
 
 from conftest import REPO, TESTS, torchrun, write_hf_config
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sfpo_megatron import cli
-from sfpo_megatron.plot import PlotError, Run, build_figures, load_run
+from sfpo_megatron.tools.plot import PlotError, Run, build_figures, load_run
 
 SWITCH = 7
 ITERATIONS = 12

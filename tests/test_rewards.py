@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from math_verify.errors import TimeoutException
 
-from sfpo_megatron import rewards
-from sfpo_megatron.rewards import (
+from sfpo_megatron.data import rewards
+from sfpo_megatron.data.rewards import (
     REWARD_SIGNATURE,
     RewardComputer,
     RewardFailure,

@@ -24,8 +24,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import load_config
-from sfpo_megatron.config_rules import ConfigError
 from sfpo_megatron.models import spec
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.sdpa import SDPAttention
@@ -346,12 +346,12 @@ def test_bf16_actor_within_rounding_of_fp32(actor_runs, case, attention):
 
 
 def _run_actor(overrides: list[str], attention: str, state: dict, batch_data: dict) -> dict:
-    from sfpo_megatron.actor import Actor
-    from sfpo_megatron.batch import PolicyBatch
-    from sfpo_megatron.distributed import init_distributed
+    from sfpo_megatron.launch.parallel import init_distributed
     from sfpo_megatron.models import gpt
     from sfpo_megatron.models.sharding import gather_full_state, load_full_state
-    from sfpo_megatron.optim import build_optimizer
+    from sfpo_megatron.policy.actor import Actor
+    from sfpo_megatron.policy.batch import PolicyBatch
+    from sfpo_megatron.policy.optim import build_optimizer
 
     cfg = load_config(None, [*overrides, f"model.attention={attention}"])
     arch = read_hf_config(cfg.model.hf_config)
@@ -377,7 +377,7 @@ def _run_actor(overrides: list[str], attention: str, state: dict, batch_data: di
 def main() -> None:
     import torch.distributed as dist
 
-    from sfpo_megatron.distributed import shutdown
+    from sfpo_megatron.launch.parallel import shutdown
 
     job = json.loads(Path(sys.argv[1]).read_text())
     out = Path(job["out"])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from sfpo_megatron.algorithms.sfpo import EntropySwitch, SFPOUpdate
 from sfpo_megatron.config import SFPOConfig
-from sfpo_megatron.optim import MasterWeights
-from sfpo_megatron.sfpo import EntropySwitch, SFPOUpdate
+from sfpo_megatron.policy.optim import MasterWeights
 
 STEPS_PER_PASS = 2
 

@@ -28,10 +28,10 @@ from string import Template
 import pytest
 import yaml
 
-from sfpo_megatron.checkpoint_io.train_state import TRAINER_STATE, latest_complete
 from sfpo_megatron.config import load_config
-from sfpo_megatron.metrics import read_metrics
 from sfpo_megatron.models.arch import hf_directory
+from sfpo_megatron.training.metrics import read_metrics
+from sfpo_megatron.training.train_checkpoint import TRAINER_STATE, latest_complete
 
 from conftest import REPO, TESTS, free_ports
 

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from test_trainer import DEMO, assert_same_result, overrides
 
-from sfpo_megatron.checkpoint_io.train_state import checkpoint_dir, require_complete
 from sfpo_megatron.config import load_config
-from sfpo_megatron.metrics import read_metrics
-from sfpo_megatron.stop_request import EXIT_STATUS, StopRequest, StopRequested
+from sfpo_megatron.training.metrics import read_metrics
+from sfpo_megatron.training.stop_request import EXIT_STATUS, StopRequest, StopRequested
+from sfpo_megatron.training.train_checkpoint import checkpoint_dir, require_complete
 
 from conftest import REPO, free_ports, srun_env
 

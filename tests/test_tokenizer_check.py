@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sfpo_megatron.config_rules import ConfigError
-from sfpo_megatron.data import PromptRecord, PromptSet, load_prompts, load_tokenizer
-from sfpo_megatron.tokenizer_check import check_tokenizer, comparable
+from sfpo_megatron.common.errors import ConfigError
+from sfpo_megatron.data.prompts import PromptRecord, PromptSet, load_prompts, load_tokenizer
+from sfpo_megatron.data.tokenizer_check import check_tokenizer, comparable
 
 from conftest import REPO, write_hf_config
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from layouts import BASE, BF16, NO_DIST_OPT, OVERLAP, PP2, TP2, VPP2
 
-from sfpo_megatron.checkpoint_io.train_state import (
+from sfpo_megatron.training.train_checkpoint import (
     LATEST,
     MARKER,
     checkpoint_dir,

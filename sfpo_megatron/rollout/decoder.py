@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sfpo_megatron.checkpoint_io.hf_mapping import hf_shapes, rules
+from sfpo_megatron.hf.mapping import hf_shapes, rules
 from sfpo_megatron.models.arch import ModelArch, rope_inv_freq
 
 SPAN = 128
@@ -30,8 +30,8 @@ PREFILL_TOKENS = 16384
 
 
 class EngineWeights:
-    """One buffer per row of the HF <-> Megatron table (:mod:`~sfpo_megatron.checkpoint_io.
-    hf_mapping`): q/k/v and gate/up are each one buffer, so each is one GEMM. Every HF tensor
+    """One buffer per row of the HF <-> Megatron table (:mod:`~sfpo_megatron.hf.mapping`):
+    q/k/v and gate/up are each one buffer, so each is one GEMM. Every HF tensor
     is a view into its buffer (:attr:`views`), so the export stream copies straight into place
     and a captured CUDA graph stays valid across weight updates."""
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from sfpo_megatron.common.samples import NO_WEIGHTS, Bucket, Sample, SamplingParams
 from sfpo_megatron.config import RolloutConfig
 from sfpo_megatron.models.arch import read_hf_config
-from sfpo_megatron.rollout.base import NO_WEIGHTS, Bucket, Sample, SamplingParams
 from sfpo_megatron.rollout.decoder import EngineWeights, StaticDecoder
 
 STOP_CHECK_STEPS = 16
@@ -19,7 +19,7 @@ STOP_CHECK_STEPS = 16
 
 
 class EmbeddedEngine:
-    """A :class:`~sfpo_megatron.rollout.base.RolloutEngine` for the model of ``hf_dir``'s
+    """A :class:`~sfpo_megatron.common.samples.RolloutEngine` for the model of ``hf_dir``'s
     config.json. No checkpoint is read: weights arrive only through :meth:`update_weights`
     (the export stream), so construction allocates without initialising.
 

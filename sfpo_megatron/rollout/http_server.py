@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.config import RolloutConfig
-from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.protocol.flat_bucket import total_bytes, unflatten
+from sfpo_megatron.protocol.group import weight_update_group
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SAMPLING_FIELDS, WEIGHTS_TAG
-from sfpo_megatron.sync.flat_bucket import total_bytes, unflatten
-from sfpo_megatron.sync.group import weight_update_group
 
 
 class RequestError(ValueError):
@@ -127,7 +127,7 @@ class EngineServer:
         entries = body["serialized_named_tensors"]
         if len(entries) != self.tp_size:
             raise RequestError(f"{len(entries)} serialized entries for {self.tp_size} TP ranks")
-        from sfpo_megatron.sync.colocated import decode_bucket  # keeps Megatron out of start-up
+        from sfpo_megatron.protocol.ipc import decode_bucket  # keeps Megatron out of start-up
 
         ranks = [decode_bucket(entry) for entry in entries]  # each exactly once, as SGLang
         for rank, tensors in enumerate(ranks[1:], start=1):

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sfpo_megatron.rollout.sglang_client import RolloutError, SGLangClient
+from sfpo_megatron.common.errors import RolloutError
+from sfpo_megatron.rollout.sglang_client import SGLangClient
 
 
 def sglang_command(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from sfpo_megatron.rollout.base import Sample, SamplingParams
+from sfpo_megatron.common.samples import Sample, SamplingParams
 from sfpo_megatron.rollout.sglang_client import SGLangClient
 
 

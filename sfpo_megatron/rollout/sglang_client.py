@@ -15,7 +15,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sfpo_megatron.rollout.base import Sample, SamplingParams
+from sfpo_megatron.common.errors import RolloutError
+from sfpo_megatron.common.samples import Sample, SamplingParams
 
 SAMPLING_FIELDS = {
     "n": "n",
@@ -35,10 +36,6 @@ MEMORY_TAGS = ("kv_cache", WEIGHTS_TAG, "cuda_graph")
 NOT_RETRIED = {"/update_weights_from_tensor"}
 """Paths sent once only: a repeat would unpickle the entries twice, and each unpickling
 drops one reference the sender's shared-memory / CUDA-IPC handle counts on."""
-
-
-class RolloutError(RuntimeError):
-    """A rollout server failed, timed out or answered with something unusable."""
 
 
 class SGLangClient:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sfpo_megatron.checkpoint_io.hf_export import Bucket, export_stream, stage_leader
+from sfpo_megatron.common.samples import RolloutEngine
+from sfpo_megatron.hf.export import Bucket, export_stream, stage_leader
 from sfpo_megatron.models.arch import ModelArch
-from sfpo_megatron.rollout.base import RolloutEngine
 
 
 def _stage_senders() -> list[int]:

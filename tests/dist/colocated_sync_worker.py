@@ -21,17 +21,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_sync_worker import ValidatingClient, arch_names, batch_from  # noqa: E402
 
-from sfpo_megatron.actor import Actor  # noqa: E402
-from sfpo_megatron.advantages import group_advantages  # noqa: E402
-from sfpo_megatron.batch import PolicyBatch  # noqa: E402
-from sfpo_megatron.checkpoint_io.hf_export import export_stream, stage_leader  # noqa: E402
+from sfpo_megatron.policy.actor import Actor  # noqa: E402
+from sfpo_megatron.algorithms.advantages import group_advantages  # noqa: E402
+from sfpo_megatron.policy.batch import PolicyBatch  # noqa: E402
+from sfpo_megatron.hf.export import export_stream, stage_leader  # noqa: E402
 from sfpo_megatron.config import load_config  # noqa: E402
-from sfpo_megatron.distributed import shutdown  # noqa: E402
-from sfpo_megatron.rollout.base import SamplingParams  # noqa: E402
-from sfpo_megatron.rollout.sglang_client import RolloutError  # noqa: E402
+from sfpo_megatron.launch.parallel import shutdown  # noqa: E402
+from sfpo_megatron.common.samples import SamplingParams  # noqa: E402
+from sfpo_megatron.common.errors import RolloutError
 from sfpo_megatron.sync.colocated import ColocatedSync  # noqa: E402
-from sfpo_megatron.sync.flat_bucket import flatten  # noqa: E402
-from sfpo_megatron.trainer import start  # noqa: E402
+from sfpo_megatron.protocol.flat_bucket import flatten  # noqa: E402
+from sfpo_megatron.training.loop import start  # noqa: E402
 
 BUCKET_MB = 0.05
 SESSION_PATHS = {

@@ -15,16 +15,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from sfpo_megatron.actor import Actor, _micro_batches
-from sfpo_megatron.batch import PolicyBatch
-from sfpo_megatron.checkpoint_io.hf_export import export_stream, save_hf
-from sfpo_megatron.checkpoint_io.hf_import import load_hf_weights
+from sfpo_megatron.policy.actor import Actor, _micro_batches
+from sfpo_megatron.policy.batch import PolicyBatch
+from sfpo_megatron.hf.export import export_stream, save_hf
+from sfpo_megatron.hf.load import load_hf_weights
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import shutdown
+from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.models.arch import hf_directory
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.optim import build_optimizer
-from sfpo_megatron.trainer import start
+from sfpo_megatron.policy.optim import build_optimizer
+from sfpo_megatron.training.loop import start
 
 
 def full_logits(actor, batch):

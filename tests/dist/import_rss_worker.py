@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from sfpo_megatron.checkpoint_io.hf_import import load_hf_weights
+from sfpo_megatron.hf.load import load_hf_weights
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import shutdown
+from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.trainer import start
+from sfpo_megatron.training.loop import start
 
 
 def status_kib(field: str) -> int:

@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.algorithms import build_update
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.actor import Actor
+from sfpo_megatron.algorithms.grpo import build_update
+from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.gpt import build_model
 from sfpo_megatron.models.sharding import gather_full_state, load_full_state
-from sfpo_megatron.optim import build_optimizer
+from sfpo_megatron.policy.optim import build_optimizer
 
 
 def run_layout(overrides, state, batch_data):

@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import torch
 
-from sfpo_megatron.actor import Actor
+from sfpo_megatron.policy.actor import Actor
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.gpt import build_model, unwrap
-from sfpo_megatron.optim import build_optimizer
-from sfpo_megatron.warm_start import answer_batch, warm_start
+from sfpo_megatron.policy.optim import build_optimizer
+from sfpo_megatron.algorithms.warm_start import answer_batch, warm_start
 
 WARM_START_STEPS = 3
 

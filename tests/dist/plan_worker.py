@@ -1,6 +1,6 @@
 """Count the device bytes a rank really holds per memory component, for several layouts in
 one torchrun launch (start-up dominates on CPU); tests/test_plan.py compares them with
-``sfpo_megatron.plan``.
+``sfpo_megatron.tools.plan``.
 
 Per layout: build the actor, run one training pass (one optimizer step, so Adam's states
 exist), build the SFPO update and capture its snapshot, then sum the bytes of the distinct
@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.actor import Actor
+from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
-from sfpo_megatron.sfpo import SFPOUpdate
+from sfpo_megatron.algorithms.sfpo import SFPOUpdate
 
 
 def storages(tensors) -> dict[int, int]:

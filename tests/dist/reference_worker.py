@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.actor import Actor
+from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
-from sfpo_megatron.reference import ReferencePolicy
+from sfpo_megatron.policy.kl_reference import ReferencePolicy
 
 
 def main():

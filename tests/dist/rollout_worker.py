@@ -9,15 +9,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.actor import Actor
+from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import shutdown
+from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.models.arch import hf_directory
-from sfpo_megatron.rollout.base import SamplingParams
+from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.sync.in_process import sync_in_process
-from sfpo_megatron.trainer import start
+from sfpo_megatron.training.loop import start
 
 
 def main():

@@ -20,15 +20,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sfpo_megatron.actor import Actor
-from sfpo_megatron.batch import PolicyBatch
+from sfpo_megatron.policy.actor import Actor
+from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.distributed import init_distributed, shutdown
+from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.gpt import build_model
 from sfpo_megatron.models.sharding import load_full_state
-from sfpo_megatron.optim import build_optimizer
-from sfpo_megatron.sfpo import SFPOUpdate
+from sfpo_megatron.policy.optim import build_optimizer
+from sfpo_megatron.algorithms.sfpo import SFPOUpdate
 
 
 class NewStorageBytes(TorchDispatchMode):

@@ -17,16 +17,16 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_schema import validate_request  # noqa: E402
 
-from sfpo_megatron.actor import Actor  # noqa: E402
-from sfpo_megatron.advantages import group_advantages  # noqa: E402
-from sfpo_megatron.batch import PolicyBatch  # noqa: E402
-from sfpo_megatron.checkpoint_io.hf_export import export_stream  # noqa: E402
+from sfpo_megatron.policy.actor import Actor  # noqa: E402
+from sfpo_megatron.algorithms.advantages import group_advantages  # noqa: E402
+from sfpo_megatron.policy.batch import PolicyBatch  # noqa: E402
+from sfpo_megatron.hf.export import export_stream  # noqa: E402
 from sfpo_megatron.config import load_config  # noqa: E402
-from sfpo_megatron.distributed import shutdown  # noqa: E402
-from sfpo_megatron.rollout.base import SamplingParams  # noqa: E402
+from sfpo_megatron.launch.parallel import shutdown  # noqa: E402
+from sfpo_megatron.common.samples import SamplingParams  # noqa: E402
 from sfpo_megatron.rollout.sglang_client import SGLangClient  # noqa: E402
-from sfpo_megatron.sync.distributed import DistributedSync  # noqa: E402
-from sfpo_megatron.trainer import start  # noqa: E402
+from sfpo_megatron.sync.broadcast import DistributedSync  # noqa: E402
+from sfpo_megatron.training.loop import start  # noqa: E402
 
 
 class ValidatingClient(SGLangClient):
@@ -97,7 +97,7 @@ def main():
 
 
 def arch_names(arch):
-    from sfpo_megatron.checkpoint_io.hf_mapping import hf_shapes
+    from sfpo_megatron.hf.mapping import hf_shapes
 
     return hf_shapes(arch)
 

@@ -35,7 +35,7 @@ SAVE_AT, RESUME_SEED = 2, 999
 def train_iteration(actor, arch, iteration: int) -> None:
     from layouts import make_batch
 
-    from sfpo_megatron.batch import PolicyBatch
+    from sfpo_megatron.policy.batch import PolicyBatch
 
     batch = PolicyBatch(**make_batch(arch, seed=iteration))
     old_logprobs, _ = actor.forward_logprobs(batch)
@@ -73,17 +73,17 @@ def completeness(root: Path) -> dict[str, bool]:
 
 
 def run_layout(phase: str, layout: dict, root: Path) -> dict:
-    from sfpo_megatron.actor import Actor
-    from sfpo_megatron.checkpoint_io.train_state import (
+    from sfpo_megatron.policy.actor import Actor
+    from sfpo_megatron.training.train_checkpoint import (
         CheckpointManager,
         checkpoint_dir,
         latest_complete,
         load_checkpoint,
     )
     from sfpo_megatron.config import load_config
-    from sfpo_megatron.distributed import init_distributed
+    from sfpo_megatron.launch.parallel import init_distributed
     from sfpo_megatron.models.arch import read_hf_config
-    from sfpo_megatron.reference import ReferencePolicy
+    from sfpo_megatron.policy.kl_reference import ReferencePolicy
 
     overrides = layout["overrides"] + ([f"model.seed={RESUME_SEED}"] if phase == "resume" else [])
     cfg = load_config(None, overrides)
@@ -132,7 +132,7 @@ def run_layout(phase: str, layout: dict, root: Path) -> dict:
 
 
 def main():
-    from sfpo_megatron.distributed import shutdown
+    from sfpo_megatron.launch.parallel import shutdown
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     phase, spec_path = sys.argv[1:]

@@ -1,1 +1,0 @@
-"""Checkpoints in and out: Hugging Face safetensors import, the export stream, HF saving."""

@@ -1,0 +1,167 @@
+"""The three ways a run gets rollouts, each with its weight sync and memory hand-off, behind
+one small interface the session uses: ``engine`` (rank 0's sampler), ``sync``, ``release``
+(before training), ``recover`` (after a failed batch) and ``close``.
+
+- embedded: the embedded engine in global rank 0's process, synced in process;
+- servers: SGLang servers started elsewhere (disaggregated), synced by broadcast groups;
+- colocated: one server per ``server_tp`` trainer ranks, launched here on those ranks'
+  devices, synced through IPC handles, its memory released while the trainer trains.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sfpo_megatron.config import Config
+from sfpo_megatron.launch.parallel import free_port
+from sfpo_megatron.models.arch import ModelArch, hf_directory
+from sfpo_megatron.models.gpt import DTYPES
+from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
+from sfpo_megatron.rollout.server_pool import ServerPool
+from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SGLangClient
+from sfpo_megatron.sync.broadcast import DistributedSync
+from sfpo_megatron.sync.colocated import ColocatedSync
+from sfpo_megatron.sync.in_process import sync_in_process
+
+
+class EmbeddedBackend:
+    def __init__(self, cfg: Config, arch: ModelArch, device: torch.device) -> None:
+        self.arch, self.engine = arch, None
+        if dist.get_rank() == 0:
+            self.engine = EmbeddedEngine(
+                hf_directory(cfg.model.hf_config),
+                device,
+                DTYPES[cfg.model.dtype],
+                kv_cache_gb=cfg.rollout.kv_cache_gb,
+                cuda_graphs=cfg.rollout.cuda_graphs,
+            )
+
+    def sync(self, chunks: list, version: int) -> None:
+        sync_in_process(chunks, self.arch, self.engine, version)
+        if self.engine is not None:
+            self.engine.resume_memory()
+
+    def release(self) -> None:
+        """On CUDA the engine's weights wait in host memory while the actor trains."""
+        if self.engine is not None:
+            self.engine.release_memory()
+
+    def recover(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Nothing outlives the process."""
+
+
+class ServersBackend:
+    """Disaggregated: a failed server is reported (it is not ours to restart)."""
+
+    def __init__(self, cfg: Config, arch: ModelArch) -> None:
+        r = cfg.rollout
+        self.arch, self.engine = arch, None
+        clients = [SGLangClient(url, r.request_timeout_s) for url in r.server_urls]
+        if dist.get_rank() == 0:
+            self.engine = ServerPool(clients)
+            self.engine.wait_healthy(cfg.parallel.timeout_s)
+        self.push = DistributedSync(
+            clients,
+            r.sync_address or socket.gethostname(),
+            r.sync_port,
+            "nccl" if torch.cuda.is_available() else "gloo",
+            r.server_tp,
+            timeout_s=cfg.parallel.timeout_s,
+        )
+        self.push.connect()
+
+    def sync(self, chunks: list, version: int) -> None:
+        self.push.push(chunks, self.arch, version)
+
+    def release(self) -> None:
+        """The servers have devices of their own."""
+
+    def recover(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """The servers belong to whoever started them."""
+
+
+class ColocatedBackend:
+    """Engine ``e`` is launched by global rank ``e * server_tp`` on the devices of ranks
+    ``e * server_tp ...``; its log goes to ``logging.output_dir/rollout_server<e>.log``."""
+
+    def __init__(self, cfg: Config, arch: ModelArch) -> None:
+        r = cfg.rollout
+        self.arch, self.engine, self.restart = arch, None, r.restart_servers
+        rank = dist.get_rank()
+        self.server: ServerProcess | None = None
+        url = None
+        if rank % r.server_tp == 0:
+            self.server = _launch(cfg, rank // r.server_tp)
+            url = self.server.url
+        urls: list = [None] * dist.get_world_size()
+        dist.all_gather_object(urls, url)
+        clients = [SGLangClient(u, r.request_timeout_s) for u in urls if u is not None]
+        if rank == 0:
+            self.engine = ServerPool(clients)
+        self.push = ColocatedSync(clients, r.server_tp)
+
+    def sync(self, chunks: list, version: int) -> None:
+        self.push.push(chunks, self.arch, version)
+
+    def release(self) -> None:
+        self.push.release()
+
+    def recover(self) -> bool:
+        """Collective: restart every server that died (when configured); True if any was."""
+        dead = self.server is not None and not self.server.alive()
+        if dead and self.restart:
+            client = self.server.restart()
+            if self.push.released:  # like the other engines until the next sync
+                client.release_memory_occupation(list(MEMORY_TAGS))
+        flags: list = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, dead)
+        return any(flags) and self.restart
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _launch(cfg: Config, engine: int) -> ServerProcess:
+    r = cfg.rollout
+    host = r.sync_address or socket.gethostname()
+    port = free_port(host)
+    model = str(hf_directory(cfg.model.hf_config))
+    gpus = None
+    if torch.cuda.is_available():
+        first = torch.cuda.current_device()
+        gpus = list(range(first, first + r.server_tp))
+    if r.server == "sglang":
+        command = sglang_command(model, port, r.server_tp, host, memory_saver=True)
+    else:
+        device = "cuda" if gpus else "cpu"
+        command = [
+            *embedded_command(model, port, host, device),
+            *("--tp-size", str(r.server_tp), "--kv-cache-gb", str(r.kv_cache_gb)),
+            "--cuda-graphs" if r.cuda_graphs else "--no-cuda-graphs",
+        ]
+    log = Path(cfg.logging.output_dir) / f"rollout_server{engine}.log"
+    server = ServerProcess(command, f"http://{host}:{port}", log, cfg.parallel.timeout_s, gpus)
+    server.start()
+    return server
+
+
+def build_backend(
+    cfg: Config, arch: ModelArch, device: torch.device
+) -> EmbeddedBackend | ServersBackend | ColocatedBackend:
+    if cfg.rollout.engine == "servers":
+        return ServersBackend(cfg, arch)
+    if cfg.rollout.engine == "colocated":
+        return ColocatedBackend(cfg, arch)
+    return EmbeddedBackend(cfg, arch, device)
