@@ -137,7 +137,7 @@ class SFPOUpdate:
             z = self.switch.observe(metrics["entropy"])
             if z is not None:
                 metrics["entropy_z"] = z
-            if self.switched and slow_fast:
+            if slow_fast and self.switched:  # fired on this step's entropy
                 _log_switch(z, self.cfg.tau)
         alpha = self.cfg.alpha if slow_fast else 0.0
         return UpdateResult(metrics, alpha=alpha, slow_fast=slow_fast, switched=self.switched)
