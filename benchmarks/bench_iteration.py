@@ -115,7 +115,7 @@ def write_task(args: argparse.Namespace, vocab_size: int, directory: Path) -> Pa
             "mini_batch_prompts": args.prompts // args.mini_batches,
             "micro_batch_size": args.micro_batch_size,
         },
-        "algorithm": {"sfpo": {"adaptive": False}},
+        "algorithm": {"sfpo": {"switch_to_grpo": False}},
         "rollout": {"max_response_length": args.response_len},
         "data": {
             "train_files": [str(directory / "prompts.jsonl")],

@@ -103,8 +103,9 @@ class SFPOConfig:
     """K: fast training passes on the same batch before the reposition."""
     alpha: float = 0.8
     """Reposition theta0 + alpha (thetaK - theta0)."""
-    adaptive: bool = True
-    """Switch to GRPO for good once the entropy z-score crosses ``tau``."""
+    switch_to_grpo: bool = True
+    """Switch to plain GRPO for good once the entropy z-score crosses ``tau`` (alpha itself
+    never adapts); false: SFPO every iteration."""
     window: int = 30
     """omega: entropy values in the z-score window (the current one included)."""
     tau: float = 1.0

@@ -1,29 +1,25 @@
-"""The policy update per rollout batch: GRPO (one training pass) or SFPO."""
+"""The GRPO update: one training pass over the rollout batch."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sfpo_megatron.algorithms.sfpo import SFPOUpdate
-from sfpo_megatron.config import AlgorithmConfig
+from sfpo_megatron.algorithms.update import UpdateResult
 from sfpo_megatron.policy.batch import PolicyBatch
 
 
 class GRPOUpdate:
-    """One training pass over the batch."""
+    """One training pass over the batch; no reposition, no switch, no state of its own."""
 
     def __init__(self, actor) -> None:
         self.actor = actor
 
-    def step(self, batch: PolicyBatch) -> dict[str, float]:
-        return self.actor.train_pass(batch)
+    def step(self, batch: PolicyBatch) -> UpdateResult:
+        metrics = self.actor.train_pass(batch)
+        return UpdateResult(metrics, alpha=0.0, slow_fast=False, switched=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """GRPO keeps no state of its own."""
-
-
-def build_update(cfg: AlgorithmConfig, actor) -> GRPOUpdate | SFPOUpdate:
-    return SFPOUpdate(actor, cfg.sfpo) if cfg.name == "sfpo" else GRPOUpdate(actor)

@@ -1,6 +1,7 @@
 """The SFPO update (shared/SFPO_SPEC.md): snapshot theta0 -> K fast training passes on the same
 batch -> reposition theta = theta0 + alpha (thetaK - theta0) in the optimizer's fp32 master
-shard -> one slow pass; an entropy z-score switches it to plain GRPO for good.
+shard -> one slow pass; the entropy switch (:mod:`~sfpo_megatron.algorithms.switch`) turns it
+into plain GRPO for good.
 
 Memory: one flat fp32 snapshot of this rank's master-weight shard, on the device or in
 pinned host memory; the reposition works in place and writes the model params in the same
@@ -10,56 +11,20 @@ pass. Optimizer state and the LR schedule are never touched here.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sfpo_megatron import ops
+from sfpo_megatron.algorithms.switch import EntropySwitch
+from sfpo_megatron.algorithms.update import UpdateResult
 from sfpo_megatron.config import SFPOConfig
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.policy.optim import MasterWeights
 
 _log = logging.getLogger(__name__)
-
-
-class EntropySwitch:
-    """Adaptive alpha: once ``window`` entropies exist, Z = (H - mean) / (std + 1e-9) over the
-    last ``window`` (current included, population std); Z >= tau (or |Z| >= tau when
-    two-sided) stops SFPO from the next iteration on, for good."""
-
-    def __init__(self, cfg: SFPOConfig) -> None:
-        self.tau, self.one_sided = cfg.tau, cfg.one_sided
-        self.recent: deque[float] = deque(maxlen=cfg.window)
-        self.switched_at: int | None = None
-
-    @property
-    def switched(self) -> bool:
-        return self.switched_at is not None
-
-    def observe(self, iteration: int, entropy: float) -> float | None:
-        """Record iteration ``iteration``'s entropy; returns its z-score once the window is full."""
-        if not math.isfinite(entropy):
-            raise FloatingPointError(f"iteration {iteration}: entropy is {entropy}")
-        self.recent.append(entropy)
-        if len(self.recent) < self.recent.maxlen:
-            return None
-        values = torch.tensor(list(self.recent), dtype=torch.float64)
-        z = float((entropy - values.mean()) / (values.std(unbiased=False) + 1e-9))
-        crossed = z >= self.tau if self.one_sided else abs(z) >= self.tau
-        if crossed and not self.switched:
-            self.switched_at = iteration
-        return z
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "switched_at": self.switched_at}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent.clear()
-        self.recent.extend(state["recent"])
-        self.switched_at = state["switched_at"]
 
 
 class Snapshot:
@@ -133,19 +98,18 @@ class SFPOUpdate:
     def __init__(self, actor, cfg: SFPOConfig) -> None:
         self.actor, self.cfg = actor, cfg
         self.snapshot = Snapshot(actor.master_weights(), cfg.snapshot)
-        self.switch = EntropySwitch(cfg) if cfg.adaptive else None
-        self.iteration = 0
+        self.switch = EntropySwitch(cfg) if cfg.switch_to_grpo else None
 
     @property
-    def active(self) -> bool:
-        return self.switch is None or not self.switch.switched
+    def switched(self) -> bool:
+        return self.switch is not None and self.switch.switched
 
-    def step(self, batch: PolicyBatch) -> dict[str, float]:
-        """Fast passes, reposition, slow pass (or one GRPO pass once switched); the returned
-        metrics are the slow pass's, plus phase timings and the switch state."""
-        self.iteration += 1
+    def step(self, batch: PolicyBatch) -> UpdateResult:
+        """Fast passes, reposition, slow pass (or one GRPO pass once switched); the metrics
+        are the slow pass's, plus phase timings and the entropy z-score."""
+        slow_fast = not self.switched
         timings: dict[str, float] = {}
-        if self.active:
+        if slow_fast:
             start = _clock()
             self.snapshot.capture()
             if not self.snapshot.overlapped:
@@ -167,27 +131,31 @@ class SFPOUpdate:
             timings,
             time_slow=_clock() - slow,
             fast_optimizer_steps=fast_steps,
-            sfpo_active=float(fast_steps > 0),
+            sfpo_active=float(slow_fast),
         )
         if self.switch is not None:
-            z = self.switch.observe(self.iteration, metrics["entropy"])
+            z = self.switch.observe(metrics["entropy"])
             if z is not None:
                 metrics["entropy_z"] = z
-            if self.switch.switched_at == self.iteration:
-                _log.warning(
-                    "iteration %d: entropy z-score %.2f crossed tau=%.2f: SFPO stops, "
-                    "plain GRPO from the next iteration on",
-                    self.iteration,
-                    z,
-                    self.cfg.tau,
-                )
-        return metrics
+            if slow_fast and self.switched:  # fired on this step's entropy
+                _log_switch(z, self.cfg.tau)
+        alpha = self.cfg.alpha if slow_fast else 0.0
+        return UpdateResult(metrics, alpha=alpha, slow_fast=slow_fast, switched=self.switched)
 
     def state_dict(self) -> dict[str, Any]:
-        switch = None if self.switch is None else self.switch.state_dict()
-        return {"iteration": self.iteration, "switch": switch}
+        return {"switch": None if self.switch is None else self.switch.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = state["iteration"]
         if self.switch is not None and state["switch"] is not None:
             self.switch.load_state_dict(state["switch"])
+
+
+def _log_switch(z: float, tau: float) -> None:
+    """Once, on global rank 0: every rank's switch fires at the same iteration."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _log.warning(
+            "entropy z-score %.2f crossed tau=%.2f: SFPO stops, plain GRPO from the next "
+            "iteration on",
+            z,
+            tau,
+        )

@@ -62,7 +62,6 @@ def train(cfg: Config) -> list[dict[str, float]]:
 
 def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
     """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
-    cfg = s.cfg
     scored, metrics = collect_groups(s, iteration)
     s.release_rollout_memory()
     batch, rollout_logprobs = policy_batch(scored)
@@ -76,13 +75,13 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
     metrics["time_old_logprobs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    metrics.update(s.update.step(batch))
+    result = s.update.step(batch)
+    metrics.update(result.metrics)
     metrics["time_update"] = time.perf_counter() - clock
     metrics["lr"] = s.actor.scheduler.get_lr(s.actor.optimizer.param_groups[0])
     s.actor.step_lr()
-    sfpo_ran = metrics.get("sfpo_active", 0.0) > 0
-    metrics["alpha"] = cfg.algorithm.sfpo.alpha if sfpo_ran else 0.0
-    metrics["switched"] = float(getattr(getattr(s.update, "switch", None), "switched", False))
+    metrics["alpha"] = result.alpha
+    metrics["switched"] = float(result.switched)
 
     clock = time.perf_counter()
     s.sync(version=iteration)

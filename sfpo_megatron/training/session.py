@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from sfpo_megatron.algorithms.grpo import build_update
+from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.algorithms.warm_start import warm_start
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.common.samples import SamplingParams

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.policy.actor import Actor
-from sfpo_megatron.algorithms.grpo import build_update
+from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
 from sfpo_megatron.launch.parallel import init_distributed, shutdown
@@ -34,7 +34,7 @@ def run_layout(overrides, state, batch_data):
     actor = Actor(cfg, arch, chunks, *build_optimizer(cfg, chunks))
     batch = PolicyBatch(**batch_data)
     logprobs, entropy = actor.forward_logprobs(PolicyBatch(batch.tokens, batch.response_mask))
-    metrics = build_update(cfg.algorithm, actor).step(batch)
+    metrics = build_update(cfg.algorithm, actor).step(batch).metrics
     after = gather_full_state(chunks, arch.vocab_size)
     return {"logprobs": logprobs, "entropy": entropy, "metrics": metrics, "state": after}
 
