@@ -24,7 +24,7 @@ import torch
 from bench_actor import timed
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from sfpo_megatron.config import load_config
+from sfpo_megatron.config import RolloutConfig, load_config
 from sfpo_megatron.launch.parallel import free_port, shutdown
 from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.policy.actor import Actor
@@ -64,7 +64,7 @@ def served_seconds(directory: Path, dtype: str, sync_with, repeats: int) -> floa
     command += [str(directory), "--port", str(port), "--device", device, "--dtype", dtype]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
-        client = SGLangClient(f"http://127.0.0.1:{port}")
+        client = SGLangClient(f"http://127.0.0.1:{port}", RolloutConfig.request_timeout_s)
         client.wait_healthy(300)
         return timed(sync_with(client), repeats, warmup=1)
     finally:
@@ -118,7 +118,13 @@ def main() -> None:
     ]
 
     def broadcast(client: SGLangClient):
-        sync = DistributedSync([client], "127.0.0.1", free_port(), bucket_mb=args.bucket_mb)
+        sync = DistributedSync(
+            [client],
+            "127.0.0.1",
+            free_port(),
+            bucket_mb=args.bucket_mb,
+            timeout_s=cfg.parallel.timeout_s,
+        )
         sync.connect()
         return lambda: sync.push(actor.chunks, arch, next(version))
 

@@ -174,7 +174,8 @@ def start_embedded_server(model_dir, log_path, *extra_args: str, load_weights: b
     for attempt in range(3):
         port = free_ports()
         command = embedded_command(str(model_dir), port, load_weights=load_weights)
-        server = ServerProcess([*command, *extra_args], f"http://127.0.0.1:{port}", log_path, 60)
+        url = f"http://127.0.0.1:{port}"
+        server = ServerProcess([*command, *extra_args], url, log_path, 60, request_timeout_s=60)
         try:
             server.start()
             return server

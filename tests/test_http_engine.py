@@ -137,6 +137,7 @@ def test_launcher_starts_serves_and_stops(model_dir, tmp_path):
         f"http://127.0.0.1:{port}",
         tmp_path / "server.log",
         60,
+        request_timeout_s=60,
     )
     client = server.start()
     try:
@@ -158,6 +159,7 @@ def test_launcher_reports_a_server_that_dies(tmp_path):
         f"http://127.0.0.1:{port}",
         tmp_path / "server.log",
         60,
+        request_timeout_s=60,
     )
     with pytest.raises(RolloutError, match=r"exited with 1 while starting(.|\n)*nowhere"):
         server.start()
@@ -170,6 +172,7 @@ def test_launcher_gives_up_on_a_silent_server(tmp_path):
         f"http://127.0.0.1:{port}",
         tmp_path / "server.log",
         2,
+        request_timeout_s=2,
     )
     with pytest.raises(RolloutError, match="not healthy within 2"):
         server.start()

@@ -28,6 +28,8 @@ from typing import Any
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+from sfpo_megatron.config import RewardConfig
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str, str], float]
@@ -234,7 +236,12 @@ class RewardComputer:
     this process), so that a slow, raising, hanging or process-killing function costs a 0.0
     reward and a count, never the run. Each sample gets `timeout_s`."""
 
-    def __init__(self, spec: str, workers: int = 2, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        spec: str,
+        workers: int = RewardConfig.workers,
+        timeout_s: float = RewardConfig.timeout_s,
+    ) -> None:
         if workers < 0 or timeout_s <= 0:
             raise ValueError(f"need workers >= 0 and timeout_s > 0, got {workers}, {timeout_s}")
         self._fn = load_reward_fn(spec)  # a bad spec fails here, not in the workers

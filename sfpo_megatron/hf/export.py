@@ -21,6 +21,9 @@ from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.models.sharding import local_parameters, sync_params, unshard
 
 Bucket = list[tuple[str, torch.Tensor]]
+SYNC_BUCKET_MB = 512
+"""Bucket size of the export stream when it feeds a rollout engine (each weight sync); not a
+config key (the HF export's shards are ``checkpoint.export_shard_mb``)."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _DTYPE_BYTES = {
     "F64": 8,
@@ -63,7 +66,9 @@ def stage_leader() -> bool:
     )
 
 
-def export_stream(chunks: list, arch: ModelArch, bucket_mb: float = 512) -> Iterator[Bucket]:
+def export_stream(
+    chunks: list, arch: ModelArch, bucket_mb: float = SYNC_BUCKET_MB
+) -> Iterator[Bucket]:
     """This pipeline stage's tensors under HF names, whole (TP gathered, QKV and fc1 split,
     vocabulary padding removed), in buckets of at most ``bucket_mb`` (a larger tensor is a
     bucket of its own). A collective over the TP group: every TP rank must iterate it."""

@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.common.errors import ConfigError, RolloutError
-from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import validate_layout
+from sfpo_megatron.config import Config, validate_layout
 from sfpo_megatron.launch import cpu_compat
 from sfpo_megatron.models.arch import ModelArch
 
@@ -157,9 +156,7 @@ def init_distributed(cfg: Config, arch: ModelArch, launch: LaunchEnv | None = No
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline
-        if p.virtual_pipeline and p.virtual_pipeline > 1
-        else None,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_size,
         distributed_timeout_minutes=max(1, p.timeout_s // 60),
     )
     return dp

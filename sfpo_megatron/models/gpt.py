@@ -27,7 +27,6 @@ def transformer_config(cfg: Config, arch: ModelArch) -> TransformerConfig:
     p = cfg.parallel
     dtype = DTYPES[cfg.model.dtype]
     cuda = torch.cuda.is_available()
-    vpp = p.virtual_pipeline if p.virtual_pipeline and p.virtual_pipeline > 1 else None
     recompute = (
         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
         if cfg.model.recompute_activations
@@ -52,7 +51,7 @@ def transformer_config(cfg: Config, arch: ModelArch) -> TransformerConfig:
         init_method_std=arch.init_std,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -90,10 +89,9 @@ def build_model(cfg: Config, arch: ModelArch) -> list[DistributedDataParallel]:
     set_seed(cfg.model.seed)
     config = transformer_config(cfg, arch)
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.vocab_pad_multiple, cfg.parallel.tensor)
-    vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks: list[torch.nn.Module] = []
-    for stage in range(vpp):
-        vp_stage = stage if vpp > 1 else None
+    for stage in range(cfg.parallel.model_chunks):
+        vp_stage = stage if cfg.parallel.interleaved else None
         model = GPTModel(
             config=config,
             transformer_layer_spec=block_spec(arch, config, vp_stage, cfg.model.attention),

@@ -25,7 +25,9 @@ from sfpo_megatron.ops._fallback import check_inputs
 from sfpo_megatron.ops.layout import check_flat, chunk_segments, snapshot_views
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
+"""Elements per streamed chunk when the caller names none (module docstring); not a key."""
 STAGING_BUFFERS = 2
+"""Device buffers the chunks rotate through: one being filled while the other is read."""
 
 
 class CopyEngine(Protocol):

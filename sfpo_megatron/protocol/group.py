@@ -20,7 +20,7 @@ def weight_update_group(
     rank: int,
     group_name: str,
     backend: str,
-    timeout_s: float = 600.0,
+    timeout_s: float,
 ):
     """Join (rank > 0) or host (rank 0) the group; blocks until all ``world_size`` members did."""
     timeout = datetime.timedelta(seconds=timeout_s)

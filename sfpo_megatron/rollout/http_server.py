@@ -26,6 +26,11 @@ from sfpo_megatron.protocol.group import weight_update_group
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SAMPLING_FIELDS, WEIGHTS_TAG
 
+GROUP_TIMEOUT_S = 600.0
+"""How long the server's side of a weight-update group waits for its members: SGLang's
+``/init_weights_update_group`` request carries no timeout (the trainer's side uses
+``parallel.timeout_s``)."""
+
 
 class RequestError(ValueError):
     """A request the server refuses (HTTP 400)."""
@@ -87,6 +92,7 @@ class EngineServer:
             body["rank_offset"],
             body["group_name"],
             body.get("backend", "gloo"),
+            GROUP_TIMEOUT_S,
         )
         return {"success": True, "message": "weight update group ready"}
 

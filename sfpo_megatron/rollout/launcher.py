@@ -16,6 +16,13 @@ from pathlib import Path
 from sfpo_megatron.common.errors import RolloutError
 from sfpo_megatron.rollout.sglang_client import SGLangClient
 
+HEALTH_PROBE_TIMEOUT_S = 10.0
+"""Timeout of one ``/health`` probe of a starting server (not retried: the next probe is)."""
+STARTUP_POLL_S = 0.5
+"""Pause between two probes of a starting server."""
+STOP_GRACE_S = 30
+"""Seconds a terminated server gets to exit before it is killed."""
+
 
 def sglang_command(
     model_path: str,
@@ -75,11 +82,13 @@ class ServerProcess:
         command: list[str],
         url: str,
         log_path: str | Path,
-        health_timeout_s: float = 600.0,
+        health_timeout_s: float,
         gpus: list[int] | None = None,
+        *,
+        request_timeout_s: float,
     ) -> None:
         self.command, self.url, self.log_path = command, url, Path(log_path)
-        self.health_timeout_s = health_timeout_s
+        self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
         self.env = dict(os.environ)
         if gpus is not None:
             self.env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
@@ -91,7 +100,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        client = SGLangClient(self.url, timeout_s=10, retries=0)
+        client = SGLangClient(self.url, HEALTH_PROBE_TIMEOUT_S, retries=0)
         deadline = time.monotonic() + self.health_timeout_s
         while True:
             if self.process.poll() is not None:
@@ -101,7 +110,7 @@ class ServerProcess:
                 )
             try:
                 client._request("GET", "/health")
-                return SGLangClient(self.url)
+                return SGLangClient(self.url, self.request_timeout_s)
             except RolloutError:
                 if time.monotonic() > deadline:
                     self.stop()
@@ -109,7 +118,7 @@ class ServerProcess:
                         f"rollout server at {self.url} not healthy within "
                         f"{self.health_timeout_s}s\n{self.log_tail()}"
                     ) from None
-                time.sleep(0.5)
+                time.sleep(STARTUP_POLL_S)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -122,7 +131,7 @@ class ServerProcess:
         if self.alive():
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -33,19 +33,31 @@ WEIGHTS_TAG = "weights"
 MEMORY_TAGS = ("kv_cache", WEIGHTS_TAG, "cuda_graph")
 """What ``/release_`` and ``/resume_memory_occupation`` act on (sglang ``srt/constants.py``)."""
 
+REQUEST_RETRIES = 3
+"""Retries of a request that failed to connect or got a 5xx reply (not a config key)."""
+RETRY_BACKOFF_S = 0.5
+"""The wait before the first retry; it doubles with each further one."""
+MAX_CONCURRENT_REQUESTS = 64
+"""Generation requests in flight at once per server (one per prompt)."""
+HEALTH_POLL_S = 0.2
+"""Pause between two ``/health`` probes of :meth:`SGLangClient.wait_healthy`."""
+
 NOT_RETRIED = {"/update_weights_from_tensor"}
 """Paths sent once only: a repeat would unpickle the entries twice, and each unpickling
 drops one reference the sender's shared-memory / CUDA-IPC handle counts on."""
 
 
 class SGLangClient:
+    """One server's client; ``timeout_s`` bounds each request (``rollout.request_timeout_s``
+    for a run's servers)."""
+
     def __init__(
         self,
         url: str,
-        timeout_s: float = 600.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_concurrency: int = 64,
+        timeout_s: float,
+        retries: int = REQUEST_RETRIES,
+        backoff_s: float = RETRY_BACKOFF_S,
+        max_concurrency: int = MAX_CONCURRENT_REQUESTS,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -123,7 +135,7 @@ class SGLangClient:
                     raise RolloutError(
                         f"{self.url} not healthy after {timeout_s}s: {error}"
                     ) from None
-                time.sleep(0.2)
+                time.sleep(HEALTH_POLL_S)
 
     def weight_version(self) -> str:
         return self._request("GET", "/model_info")["weight_version"]

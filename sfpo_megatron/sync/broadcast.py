@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sfpo_megatron.common.errors import RolloutError
-from sfpo_megatron.hf.export import export_stream, stage_leader
+from sfpo_megatron.hf.export import SYNC_BUCKET_MB, export_stream, stage_leader
 from sfpo_megatron.launch.parallel import on_lead
 from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.protocol.flat_bucket import flatten
@@ -77,8 +77,9 @@ class DistributedSync:
         base_port: int,
         backend: str = "gloo",
         engine_ranks: int = 1,
-        bucket_mb: float = 512,
-        timeout_s: float = 600.0,
+        bucket_mb: float = SYNC_BUCKET_MB,
+        *,
+        timeout_s: float,
     ) -> None:
         self.clients, self.master_address, self.base_port = clients, master_address, base_port
         self.backend, self.engine_ranks = backend, engine_ranks

@@ -25,7 +25,7 @@ import torch.multiprocessing
 from megatron.core import parallel_state
 
 from sfpo_megatron.common.errors import RolloutError
-from sfpo_megatron.hf.export import export_stream
+from sfpo_megatron.hf.export import SYNC_BUCKET_MB, export_stream
 from sfpo_megatron.launch.parallel import on_lead
 from sfpo_megatron.models.arch import ModelArch
 from sfpo_megatron.protocol.flat_bucket import FlatBucket, flatten, total_bytes
@@ -43,7 +43,7 @@ class ColocatedSync:
         self,
         clients: list[SGLangClient],
         engine_tp: int = 1,
-        bucket_mb: float = 512,
+        bucket_mb: float = SYNC_BUCKET_MB,
         device: torch.device | None = None,
     ) -> None:
         world, rank = dist.get_world_size(), dist.get_rank()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sfpo_megatron.common.samples import RolloutEngine
-from sfpo_megatron.hf.export import Bucket, export_stream, stage_leader
+from sfpo_megatron.hf.export import SYNC_BUCKET_MB, Bucket, export_stream, stage_leader
 from sfpo_megatron.models.arch import ModelArch
 
 
@@ -29,7 +29,7 @@ def sync_in_process(
     arch: ModelArch,
     engine: RolloutEngine | None,
     version: int,
-    bucket_mb: float = 512,
+    bucket_mb: float = SYNC_BUCKET_MB,
 ) -> None:
     """Collective over all ranks; ``engine`` is used on global rank 0 only (None elsewhere)."""
     rank = dist.get_rank()

@@ -50,8 +50,7 @@ import math
 from dataclasses import dataclass
 
 from sfpo_megatron.common.errors import ConfigError
-from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import validate, validate_layout
+from sfpo_megatron.config import Config, validate_layout
 from sfpo_megatron.models.arch import (
     ModelArch,
     padded_vocab_size,
@@ -109,8 +108,8 @@ class MemoryPlan:
     def describe(self) -> str:
         p, m = self.cfg.parallel, self.cfg.model
         parts = [f"TP{p.tensor} PP{p.pipeline}"]
-        if (p.virtual_pipeline or 1) > 1:
-            parts.append(f"VPP{p.virtual_pipeline}")
+        if p.interleaved:
+            parts.append(f"VPP{p.model_chunks}")
         parts.append(f"DP{self.data}")
         parts += ["SP"] * p.sequence_parallel + ["dist-opt"] * p.distributed_optimizer
         parts += [m.dtype] + ["recompute"] * m.recompute_activations
@@ -131,12 +130,12 @@ def _layer_numels(arch: ModelArch, tp: int) -> list[int]:
 def _chunk_params(cfg: Config, arch: ModelArch, stage: int, chunk: int) -> list[tuple[int, bool]]:
     """(numel, own bucket under the distributed optimizer) of one model chunk's params."""
     p = cfg.parallel
-    chunks = p.virtual_pipeline or 1
-    first, last = stage == chunk == 0, stage == p.pipeline - 1 and chunk == chunks - 1
+    first = stage == chunk == 0
+    last = stage == p.pipeline - 1 and chunk == p.model_chunks - 1
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.vocab_pad_multiple, p.tensor)
     embedding = vocab // p.tensor * arch.hidden_size
     shared = arch.tie_word_embeddings and p.pipeline > 1
-    layers = arch.num_layers // (p.pipeline * chunks)
+    layers = arch.num_layers // p.pipeline_stages
     params = [(embedding, shared)] if first else []
     params += [(n, False) for _ in range(layers) for n in _layer_numels(arch, p.tensor)]
     if last:
@@ -205,7 +204,7 @@ def _activations(
 ) -> int:
     """The stage's stored activations at the training peak (module docstring formula)."""
     p, d = cfg.parallel, DTYPE_BYTES[cfg.model.dtype]
-    tp, chunks = p.tensor, p.virtual_pipeline or 1
+    tp, chunks = p.tensor, p.model_chunks
     hidden = arch.hidden_size / tp if p.sequence_parallel else arch.hidden_size
     q = arch.num_attention_heads * arch.head_dim / tp
     kv = arch.num_query_groups * arch.head_dim / tp
@@ -217,12 +216,12 @@ def _activations(
     layer, layer_input = tokens * (d * elements + attention), tokens * d * hidden
     if p.pipeline == 1:
         passes, layers = 1, arch.num_layers
-    elif chunks == 1:
+    elif not p.interleaved:
         passes, layers = min(p.pipeline - stage, micro_batches), arch.num_layers // p.pipeline
     else:
         warmup = 2 * (p.pipeline - stage - 1) + (chunks - 1) * p.pipeline
         passes = min(warmup + 1, micro_batches * chunks)
-        layers = arch.num_layers // (p.pipeline * chunks)
+        layers = arch.num_layers // p.pipeline_stages
     stored = passes * layers * (layer_input if cfg.model.recompute_activations else layer)
     stored += layer if cfg.model.recompute_activations else 0
     stored += 2 * layer_input if stage == p.pipeline - 1 else 0
@@ -243,7 +242,7 @@ def plan_memory(
     GPUs; raises :class:`ConfigError` for a layout ``validate_layout`` refuses."""
     dp = validate_layout(cfg, arch, world_size)
     p, d = cfg.parallel, DTYPE_BYTES[cfg.model.dtype]
-    dist_opt, chunks = p.distributed_optimizer, p.virtual_pipeline or 1
+    dist_opt, chunks = p.distributed_optimizer, p.model_chunks
     micro_batches = cfg.sequences_per_mini_batch // (cfg.train.micro_batch_size * dp)
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.vocab_pad_multiple, p.tensor)
     rollout = int(rollout_fraction * gpu_bytes)
@@ -318,7 +317,7 @@ def search_layouts(
                     model=dataclasses.replace(cfg.model, recompute_activations=recompute),
                 )
                 try:
-                    validate(variant)
+                    variant.validate()
                     plan = plan_memory(variant, arch, gpus, **options)
                 except ConfigError:
                     continue

@@ -10,8 +10,7 @@ from dataclasses import replace
 import torch.distributed as dist
 
 from sfpo_megatron.algorithms.experience import ScoredGroups, policy_batch, select_groups
-from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import validate_lengths
+from sfpo_megatron.config import Config, validate_lengths
 from sfpo_megatron.data.rewards import check_error_fraction
 from sfpo_megatron.hf.export import save_hf, source_dtype
 from sfpo_megatron.hf.load import HFCheckpoint, load_hf_weights

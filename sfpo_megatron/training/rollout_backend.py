@@ -152,7 +152,14 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
             "--cuda-graphs" if r.cuda_graphs else "--no-cuda-graphs",
         ]
     log = Path(cfg.logging.output_dir) / f"rollout_server{engine}.log"
-    server = ServerProcess(command, f"http://{host}:{port}", log, cfg.parallel.timeout_s, gpus)
+    server = ServerProcess(
+        command,
+        f"http://{host}:{port}",
+        log,
+        cfg.parallel.timeout_s,
+        gpus,
+        request_timeout_s=r.request_timeout_s,
+    )
     server.start()
     return server
 

@@ -16,8 +16,7 @@ from sfpo_megatron.algorithms import build_update
 from sfpo_megatron.algorithms.warm_start import warm_start
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.common.samples import SamplingParams
-from sfpo_megatron.config import Config
-from sfpo_megatron.config_rules import SEEDS_PER_ITERATION
+from sfpo_megatron.config import SEEDS_PER_ITERATION, Config
 from sfpo_megatron.data.prompts import (
     Encoder,
     PromptSet,

@@ -18,8 +18,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from sfpo_megatron.config import CheckpointConfig
-from sfpo_megatron.config_rules import stop_signal
+from sfpo_megatron.config import CheckpointConfig, stop_signal
 
 EXIT_STATUS = 75
 """The exit status of a run stopped on request: EX_TEMPFAIL, "stopped early, try again" (it

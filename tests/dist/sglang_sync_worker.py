@@ -56,14 +56,15 @@ def main():
     actor = Actor.build(cfg, arch, checkpoint)
     client = ValidatingClient(url, timeout_s=120)
     client.wait_healthy(60)
-    sync = DistributedSync([client], "127.0.0.1", int(base_port), bucket_mb=0.05)
+    sync = DistributedSync(
+        [client], "127.0.0.1", int(base_port), bucket_mb=0.05, timeout_s=cfg.parallel.timeout_s
+    )
     sync.connect()
     sync.push(actor.chunks, arch, version=1)
 
     samples = [None]
     if dist.get_rank() == 0:
-        params = SamplingParams(n=2, temperature=cfg.rollout.temperature, max_new_tokens=6,
-                                seed=0)
+        params = SamplingParams(n=2, temperature=cfg.rollout.temperature, max_new_tokens=6, seed=0)
         samples = [client.generate([[5, 17, 42], [7, 8, 9, 10], [99], [3, 4]], params)]
     dist.broadcast_object_list(samples, src=0)
     tokens, mask, rollout_lp = batch_from(samples[0])
@@ -87,12 +88,17 @@ def main():
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:
         info = client._request("GET", "/model_info")
-        Path(report).write_text(json.dumps({
-            "ranks": everyone, "model_info": info,
-            "sample_versions": sorted({s.weight_version for s in samples[0]}),
-            "logprob_gap": (actor_lp - rollout_lp)[mask].abs().max().item(),
-            "expected_tensors": len(arch_names(arch)),
-        }))
+        Path(report).write_text(
+            json.dumps(
+                {
+                    "ranks": everyone,
+                    "model_info": info,
+                    "sample_versions": sorted({s.weight_version for s in samples[0]}),
+                    "logprob_gap": (actor_lp - rollout_lp)[mask].abs().max().item(),
+                    "expected_tensors": len(arch_names(arch)),
+                }
+            )
+        )
     shutdown()
 
 
