@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.common.log import configure as configure_logging
 from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.config import RolloutConfig
 from sfpo_megatron.protocol.flat_bucket import total_bytes, unflatten
 from sfpo_megatron.protocol.group import weight_update_group
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SAMPLING_FIELDS, WEIGHTS_TAG
+
+log = logging.getLogger("sfpo_megatron.rollout.http_server")  # also when run as __main__
 
 
 class RequestError(ValueError):
@@ -305,6 +309,7 @@ def load_checkpoint_weights(engine: EmbeddedEngine, hf_dir: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_logging(every_rank=True)  # a server of its own, not a trainer rank
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
@@ -336,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     httpd = ThreadingHTTPServer(
         (args.host, args.port), make_handler(EngineServer(engine, args.hf_dir, args.tp_size))
     )
-    print(f"embedded engine serving {args.hf_dir} on http://{args.host}:{args.port}", flush=True)
+    log.info("embedded engine serving %s on http://%s:%d", args.hf_dir, args.host, args.port)
     httpd.serve_forever()
 
 
