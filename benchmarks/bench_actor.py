@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     from sfpo_megatron.models.spec import have_transformer_engine
     from sfpo_megatron.policy.actor import Actor
     from sfpo_megatron.tools.plan import plan_memory
-    from sfpo_megatron.training.loop import start
+    from sfpo_megatron.training.preflight import launch_checked
 
     args = parse_args(argv)
     shape = shape_from_args(args)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             f"train.micro_batch_size={args.micro_batch_size}",
         ],
     )
-    arch, _ = start(cfg)
+    arch, _ = launch_checked(cfg)
     actor = Actor.build(cfg, arch)
     n_matmul = matmul_params(actor, shape)
     params = sum(p.numel() for chunk in actor.chunks for p in chunk.parameters())

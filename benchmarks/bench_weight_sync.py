@@ -33,7 +33,7 @@ from sfpo_megatron.rollout.sglang_client import SGLangClient
 from sfpo_megatron.sync.broadcast import DistributedSync
 from sfpo_megatron.sync.colocated import ColocatedSync
 from sfpo_megatron.sync.in_process import sync_in_process
-from sfpo_megatron.training.loop import start
+from sfpo_megatron.training.preflight import launch_checked
 
 
 def copy_seconds(nbytes: int, repeats: int) -> float:
@@ -104,7 +104,7 @@ def main() -> None:
             "train.mini_batch_prompts=1",
         ],
     )
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
     elements = sum(p.numel() for c in actor.chunks for p in c.parameters())
     nbytes = elements * DTYPES[dtype].itemsize

@@ -13,7 +13,11 @@ import sys
 import warnings
 
 from sfpo_megatron.common.errors import ConfigError
+from sfpo_megatron.common.log import configure as configure_logging
 from sfpo_megatron.config import load_config
+
+log = logging.getLogger("sfpo-megatron")
+"""Errors that end a command: ``ERROR sfpo-megatron: ...`` on stderr, from every rank."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         help="x axis: RL iterations, or training samples generated so far",
     )
     args = parser.parse_args(argv)
+    # plan and plot print their result (a table, the files written): the command's product,
+    # not a log. train and export-hf speak through logging, configured here once.
     if args.command == "plot":
         return _plot(args.runs, args.out, args.x)
     if args.command == "plan":
         return plan_cli.run(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     _quiet_known_warnings()
     try:
         if args.command == "export-hf" and any(
@@ -61,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("export-hf takes its dtype from --dtype, not model.dtype")
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
-        print(f"sfpo-megatron: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     from sfpo_megatron.common.errors import CheckpointError, DataError
     from sfpo_megatron.data.rewards import RewardFailure
     from sfpo_megatron.models.arch import UnsupportedModelError
-    from sfpo_megatron.training.loop import export_hf, train
+    from sfpo_megatron.tools.export import export_hf
+    from sfpo_megatron.training.loop import train
     from sfpo_megatron.training.stop_request import EXIT_STATUS, StopRequested
 
     try:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested:
         return EXIT_STATUS
     except RewardFailure as error:  # found while running: not a config error
-        print(f"sfpo-megatron: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 1
     except (
         ConfigError,
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         UnsupportedModelError,
         FileNotFoundError,
     ) as error:
-        print(f"sfpo-megatron: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 2
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -144,6 +145,21 @@ def torchrun(
             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+@pytest.fixture
+def cli_logging():
+    """Logging as the CLI sets it up (stdout for INFO, stderr for warnings, rank 0 only),
+    undone after the test."""
+    from sfpo_megatron.common.log import PACKAGE, configure
+
+    root, package = logging.getLogger(), logging.getLogger(PACKAGE)
+    saved = root.handlers[:], root.level, package.level
+    configure()
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    package.setLevel(saved[2])
 
 
 @pytest.fixture(scope="session")

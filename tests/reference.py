@@ -1,7 +1,7 @@
 """A single-process, plain-PyTorch implementation of the actor, written independently of
 sfpo_megatron so the Megatron path can be checked against it.
 
-Weights use the full-state convention of ``sfpo_megatron.models.sharding``: Megatron names,
+Weights use the full-state convention of tests/full_state.py: Megatron names,
 global layer indices, fused QKV interleaved by query group ([q heads of group g; k_g; v_g]),
 fused fc1 = [gate; up], unpadded vocabulary.
 """

@@ -11,7 +11,7 @@ from sfpo_megatron import cli
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import load_config, stop_signal, validate_layout, validate_lengths
 from sfpo_megatron.models.arch import read_hf_config
-from sfpo_megatron.training.session import EVAL_SLOT, sampling_seed
+from sfpo_megatron.training.sampling import EVAL_SLOT, sampling_seed
 
 from conftest import write_hf_config
 

@@ -97,7 +97,7 @@ def test_read_metrics_names_the_file_and_line_of_a_bad_record(tmp_path):
         read_metrics(path)
 
 
-def test_ranks_other_than_zero_write_and_print_nothing(tmp_path, monkeypatch, capsys):
+def test_ranks_other_than_zero_write_and_print_nothing(tmp_path, monkeypatch, capsys, cli_logging):
     monkeypatch.setattr(metrics_mod, "_global_rank", lambda: 1)
     log = make_log(tmp_path / "out", total=1, tensorboard=True, wandb_project="p")
     log.log(1, {"reward_mean": 0.5})
@@ -224,7 +224,7 @@ def test_progress_line_survives_missing_keys(tmp_path):
     assert log.progress_line(10, {}) == "iter 10/10"
 
 
-def test_progress_printed_every_interval_at_the_end_and_for_evals(tmp_path, capsys):
+def test_progress_printed_every_interval_at_the_end_and_for_evals(tmp_path, capsys, cli_logging):
     log = make_log(tmp_path, total=7, log_interval=3)
     for i in range(1, 8):
         log.log(i, {"entropy": 1.0})

@@ -346,9 +346,10 @@ def test_bf16_actor_within_rounding_of_fp32(actor_runs, case, attention):
 
 
 def _run_actor(overrides: list[str], attention: str, state: dict, batch_data: dict) -> dict:
+    from full_state import gather_full_state, load_full_state
+
     from sfpo_megatron.launch.parallel import init_distributed
     from sfpo_megatron.models import gpt
-    from sfpo_megatron.models.sharding import gather_full_state, load_full_state
     from sfpo_megatron.policy.actor import Actor
     from sfpo_megatron.policy.batch import PolicyBatch
     from sfpo_megatron.policy.optim import build_optimizer

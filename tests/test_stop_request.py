@@ -139,7 +139,7 @@ def test_configured_signal_sets_the_flag_and_handlers_are_given_back(one_rank_wo
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
 
 
-def test_stop_file_is_acted_on_then_removed(one_rank_world, tmp_path, capsys):
+def test_stop_file_is_acted_on_then_removed(one_rank_world, tmp_path, capsys, cli_logging):
     stop = request(f"checkpoint.dir={tmp_path / 'ckpt'}")
     try:
         (tmp_path / "ckpt/STOP").touch()  # checkpoint.dir exists before the first checkpoint
@@ -155,7 +155,7 @@ def test_stop_file_is_acted_on_then_removed(one_rank_world, tmp_path, capsys):
     )
 
 
-def test_without_checkpoint_dir_no_file_and_nothing_saved(one_rank_world, capsys):
+def test_without_checkpoint_dir_no_file_and_nothing_saved(one_rank_world, capsys, cli_logging):
     stop = request()
     try:
         assert stop.path is None and not stop.agreed()

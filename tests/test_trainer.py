@@ -266,7 +266,8 @@ def test_colocated_server_that_dies_is_restarted_and_resynced(tmp_path, monkeypa
             "rollout.sync_address": "127.0.0.1",
         },
     )
-    assert "a rollout server died and was restarted" in result.stdout
+    assert "a rollout server died and was restarted" in result.stderr
+    assert "rank 0: its rollout server http://127.0.0.1:" in result.stderr
     metrics = stable_metrics(tmp_path)
     assert [metrics[i]["weight_version"] for i in (1, 2, 3)] == [1, 2, 3]
     assert all(metrics[i]["rollout_logprob_gap"] < 1e-4 for i in (1, 2, 3))

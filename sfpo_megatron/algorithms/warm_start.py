@@ -16,16 +16,18 @@ start.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 
 from sfpo_megatron.data.prompts import BatchItem, PromptSet
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.policy.optim import constant_lr
+
+log = logging.getLogger(__name__)
 
 
 def answer_batch(
@@ -51,7 +53,7 @@ def warm_start(
     lr: float,
 ) -> None:
     """``steps`` supervised optimizer steps at learning rate ``lr``, each on the next mini-batch
-    of ``prompts``; rank 0 prints the answers' token-mean negative log-likelihood about ten
+    of ``prompts``; logs the answers' token-mean negative log-likelihood about ten
     times along the way."""
     rows = actor.cfg.sequences_per_mini_batch
     start = time.perf_counter()
@@ -60,7 +62,7 @@ def warm_start(
             batch = answer_batch(prompts.next_batch(rows), encode_answer, eos)
             logprobs, _ = actor.forward_logprobs(batch)
             actor.train_pass(replace(batch, old_logprobs=logprobs, ref_logprobs=logprobs))
-            if dist.get_rank() == 0 and (step % max(steps // 10, 1) == 0 or step == 1):
+            if step % max(steps // 10, 1) == 0 or step == 1:
                 nll = -float(logprobs.sum() / batch.response_mask.sum())
                 elapsed = time.perf_counter() - start
-                print(f"warm start {step}/{steps} answer nll {nll:.3f} {elapsed:.0f}s", flush=True)
+                log.info("warm start %d/%d answer nll %.3f %.0fs", step, steps, nll, elapsed)

@@ -1,6 +1,7 @@
 """Where each full Megatron tensor lives under TP/PP/VPP: the one mapping between a rank's
 parameters and the unsharded model ("full state", Megatron names, layer indices global,
-vocabulary unpadded). HF import/export and tests build on it.
+vocabulary unpadded). HF import/export build on it (and the tests' full-state helpers,
+tests/full_state.py).
 """
 
 from __future__ import annotations
@@ -49,20 +50,9 @@ def local_parameters(
             yield name, param
 
 
-def _is_glu_fc1(name: str, chunks: list) -> bool:
+def is_glu_fc1(name: str, chunks: list) -> bool:
+    """Whether ``name`` is a gated MLP's fc1 = [gate; up], split per half under TP."""
     return name.endswith("mlp.linear_fc1.weight") and unwrap(chunks[0]).config.gated_linear_unit
-
-
-def shard_of(full: torch.Tensor, param: torch.nn.Parameter, glu: bool) -> torch.Tensor:
-    """This TP rank's slice of a full tensor (vocabulary rows already padded)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    dim = param.partition_dim
-    if glu:  # fc1 = [gate; up]: each rank holds [gate_r; up_r]
-        return torch.cat([half.chunk(tp, dim=dim)[rank] for half in full.chunk(2, dim=dim)], dim)
-    return full.chunk(tp, dim=dim)[rank]
 
 
 def sync_params(chunks: list) -> None:
@@ -74,7 +64,7 @@ def sync_params(chunks: list) -> None:
 
 def unshard(name: str, param: torch.nn.Parameter, chunks: list) -> torch.Tensor:
     """The full tensor of a parameter, gathered over the TP group (vocabulary still padded)."""
-    local, glu = param.detach(), _is_glu_fc1(name, chunks)
+    local, glu = param.detach(), is_glu_fc1(name, chunks)
     group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(group)
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
@@ -86,55 +76,3 @@ def unshard(name: str, param: torch.nn.Parameter, chunks: list) -> torch.Tensor:
         halves = [p.chunk(2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
     return torch.cat(parts, dim)
-
-
-@torch.no_grad()
-def load_full_state(chunks: list, state: dict[str, torch.Tensor]) -> None:
-    """Copy each parameter's slice out of a full state; vocabulary rows are zero-padded.
-
-    Call before the optimizer is built (it copies the params into its fp32 main params).
-    Missing, unexpected or misshaped tensors raise with their names.
-    """
-    seen = set()
-    for name, param in local_parameters(chunks):
-        if name not in state:
-            raise KeyError(f"full state has no tensor {name!r}")
-        full = state[name]
-        if name in VOCAB_ROWS:
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            rows = param.shape[0] * tp
-            if full.shape[0] > rows:
-                raise ValueError(f"{name}: {full.shape[0]} rows exceed the padded vocab {rows}")
-            full = torch.nn.functional.pad(full, (0, 0, 0, rows - full.shape[0]))
-        piece = shard_of(full, param, _is_glu_fc1(name, chunks))
-        if piece.shape != param.shape:
-            raise ValueError(
-                f"{name}: slice shape {tuple(piece.shape)} != parameter shape "
-                f"{tuple(param.shape)} (full {tuple(full.shape)})"
-            )
-        param.copy_(piece)
-        seen.add(name)
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        unexpected = set(state) - seen
-        if unexpected:
-            raise KeyError(f"full state has tensors the model does not: {sorted(unexpected)}")
-
-
-@torch.no_grad()
-def gather_full_state(chunks: list, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The full state on every rank (small models: tests, tools). Waits for any overlapped
-    parameter all-gather first, so the values are those after the last optimizer step."""
-    sync_params(chunks)
-    stage: dict[str, torch.Tensor] = {}
-    for name, param in local_parameters(chunks):
-        full = unshard(name, param, chunks)
-        stage[name] = (full[:vocab_size] if name in VOCAB_ROWS else full).cpu()
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return stage
-    group = parallel_state.get_pipeline_model_parallel_group()
-    stages: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(stages, stage, group=group)
-    merged: dict[str, torch.Tensor] = {}
-    for part in stages:
-        merged.update(part)
-    return merged

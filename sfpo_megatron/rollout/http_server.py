@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.common.log import configure as configure_logging
 from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.config import RolloutConfig
 from sfpo_megatron.protocol.flat_bucket import total_bytes, unflatten
@@ -30,6 +32,8 @@ GROUP_TIMEOUT_S = 600.0
 """How long the server's side of a weight-update group waits for its members: SGLang's
 ``/init_weights_update_group`` request carries no timeout (the trainer's side uses
 ``parallel.timeout_s``)."""
+
+log = logging.getLogger("sfpo_megatron.rollout.http_server")  # also when run as __main__
 
 
 class RequestError(ValueError):
@@ -311,6 +315,7 @@ def load_checkpoint_weights(engine: EmbeddedEngine, hf_dir: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_logging(every_rank=True)  # a server of its own, not a trainer rank
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     httpd = ThreadingHTTPServer(
         (args.host, args.port), make_handler(EngineServer(engine, args.hf_dir, args.tp_size))
     )
-    print(f"embedded engine serving {args.hf_dir} on http://{args.host}:{args.port}", flush=True)
+    log.info("embedded engine serving %s on http://%s:%d", args.hf_dir, args.host, args.port)
     httpd.serve_forever()
 
 

@@ -1,76 +1,61 @@
 """The RL loop: prompts -> rollouts -> rewards -> advantages -> old log-probs -> GRPO or SFPO
-update -> weight sync -> log, with evaluation, checkpoints and exact resume; and the HF export
-entry point. Everything a run holds is built in :mod:`sfpo_megatron.training.session`."""
+update -> weight sync -> log, with evaluation, checkpoints and exact resume. What a run holds
+is built in :mod:`~sfpo_megatron.training.build`, started in
+:mod:`~sfpo_megatron.training.start`; what follows each iteration is in
+:mod:`~sfpo_megatron.training.hooks`."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
 
-import torch.distributed as dist
-
 from sfpo_megatron.algorithms.experience import ScoredGroups, policy_batch, select_groups
-from sfpo_megatron.config import Config, validate_lengths
+from sfpo_megatron.config import Config
 from sfpo_megatron.data.rewards import check_error_fraction
-from sfpo_megatron.hf.export import save_hf, source_dtype
-from sfpo_megatron.hf.load import HFCheckpoint, load_hf_weights
-from sfpo_megatron.launch.parallel import init_distributed, shutdown
-from sfpo_megatron.models.arch import ModelArch, hf_directory, read_hf_config
-from sfpo_megatron.models.gpt import build_model
+from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.rollout.scoring import solved
-from sfpo_megatron.training.session import Session
-
-
-def start(cfg: Config, training: bool = False) -> tuple[ModelArch, HFCheckpoint | None]:
-    """Check the config against the model and its weights (and, ``training``, its sequence
-    lengths against the model's positions) before anything is started or written, then start
-    the process groups. Returns the model shape and its weights."""
-    arch = read_hf_config(cfg.model.hf_config)
-    if training:
-        validate_lengths(cfg, arch)
-    checkpoint = None
-    if cfg.model.load_weights:
-        checkpoint = HFCheckpoint(hf_directory(cfg.model.hf_config))
-        checkpoint.validate(arch)
-    init_distributed(cfg, arch)
-    return arch, checkpoint
+from sfpo_megatron.training.build import Run, build_run
+from sfpo_megatron.training.hooks import after_iteration, finish, stop_early
+from sfpo_megatron.training.preflight import launch_checked
+from sfpo_megatron.training.start import start_run
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run (or resume) ``train.iterations`` RL iterations; returns this process's metrics.
     Raises :class:`~sfpo_megatron.training.stop_request.StopRequested` after a stop request."""
-    arch, checkpoint = start(cfg, training=True)
+    arch, hf_weights = launch_checked(cfg, training=True)
     try:
-        with Session.open(cfg, arch, checkpoint) as s:
+        with build_run(cfg, arch, hf_weights) as run:
+            metrics_log = start_run(run)
             history = []
-            for iteration in range(s.iteration + 1, cfg.train.iterations + 1):
+            for iteration in range(run.iteration + 1, cfg.train.iterations + 1):
                 start_time = time.perf_counter()
-                metrics = rl_iteration(s, iteration)
-                metrics.update(s.after_iteration(iteration))
+                metrics = rl_iteration(run, iteration)
+                metrics.update(after_iteration(run, iteration))
                 metrics["seconds"] = time.perf_counter() - start_time
                 metrics["tokens_per_s"] = metrics.pop("generated_tokens") / metrics["seconds"]
-                s.log.log(iteration, metrics)
+                metrics_log.log(iteration, metrics)
                 history.append(metrics)
-                if s.stopping:
-                    s.stop_early(iteration)
-            s.finish()
+                if run.stopping:
+                    stop_early(run, iteration)
+            finish(run)
             return history
     finally:
         shutdown()
 
 
-def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
+def rl_iteration(s: Run, iteration: int) -> dict[str, float]:
     """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
     scored, metrics = collect_groups(s, iteration)
-    s.release_rollout_memory()
+    s.rollout.release()
     batch, rollout_logprobs = policy_batch(scored)
     clock = time.perf_counter()
     old_logprobs, _ = s.actor.forward_logprobs(batch)
     mask = batch.response_mask
     metrics["rollout_logprob_gap"] = float((old_logprobs - rollout_logprobs).abs()[mask].mean())
     batch = replace(batch, old_logprobs=old_logprobs)
-    if s.reference is not None:
-        batch = replace(batch, ref_logprobs=s.reference.logprobs(batch))
+    if s.kl_reference is not None:
+        batch = replace(batch, ref_logprobs=s.kl_reference.logprobs(batch))
     metrics["time_old_logprobs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -83,17 +68,17 @@ def rl_iteration(s: Session, iteration: int) -> dict[str, float]:
     metrics["switched"] = float(result.switched)
 
     clock = time.perf_counter()
-    s.sync(version=iteration)
+    s.rollout.sync(version=iteration)
     metrics["time_sync"] = time.perf_counter() - clock
     metrics["weight_version"] = float(iteration)
     metrics["response_length"] = float(mask.sum()) / batch.num_sequences
     return metrics
 
 
-def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
+def collect_groups(s: Run, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
     """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
     enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
-    counts into the session's cumulative ``rollouts``. Raises
+    counts into the run's cumulative ``rollouts``. Raises
     :class:`~sfpo_megatron.data.rewards.RewardFailure` on every rank (their stats are the same) when
     reward errors reach ``reward.max_error_fraction`` of the iteration's samples."""
     t = s.cfg.train
@@ -119,22 +104,3 @@ def collect_groups(s: Session, iteration: int) -> tuple[ScoredGroups, dict[str, 
     totals["groups_kept"] = float(min(informative, t.prompts_per_step))
     totals["sampling_rounds"] = float(len(rounds))
     return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals
-
-
-def export_hf(cfg: Config, out: str, dtype: str | None = None) -> str:
-    """Load the configured model through Megatron (resharded to the configured layout) and
-    write it back as a HF checkpoint at ``out`` in ``dtype``; None = the source checkpoint's
-    dtype (see :func:`source_dtype`), else ``model.dtype``. Returns the dtype written."""
-    arch, checkpoint = start(cfg)
-    try:
-        source = hf_directory(cfg.model.hf_config)
-        dtype = dtype or source_dtype(source, checkpoint) or cfg.model.dtype
-        chunks = build_model(replace(cfg, model=replace(cfg.model, dtype=dtype)), arch)
-        if checkpoint is not None:
-            load_hf_weights(chunks, arch, checkpoint)
-        save_hf(chunks, arch, source, out, cfg.checkpoint.export_shard_mb)
-        if dist.get_rank() == 0:
-            print(f"wrote {out} ({dtype})", flush=True)
-        return dtype
-    finally:
-        shutdown()

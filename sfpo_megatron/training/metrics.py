@@ -4,6 +4,7 @@ optional TensorBoard and Weights & Biases, and a one-line progress report, all f
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.common.files import write_atomic
 from sfpo_megatron.config import LoggingConfig
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -178,7 +181,7 @@ class MetricsLog:
             self._wandb.log(dict(metrics), step=iteration)
         has_eval = any(key.startswith(EVAL_PREFIX) for key in metrics)
         if has_eval or iteration % self.cfg.log_interval == 0 or iteration == self.total:
-            print(self.progress_line(iteration, metrics), flush=True)
+            logger.info("%s", self.progress_line(iteration, metrics))
 
     def progress_line(self, iteration: int, metrics: dict[str, float]) -> str:
         """``iter 12/100 sfpo a=0.80 reward 0.412 ... | rollout 1.2s ... | 4.1s/it eta 6m02s``;

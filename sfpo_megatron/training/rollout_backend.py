@@ -1,6 +1,7 @@
 """The three ways a run gets rollouts, each with its weight sync and memory hand-off, behind
-one small interface the session uses: ``engine`` (rank 0's sampler), ``sync``, ``release``
-(before training), ``recover`` (after a failed batch) and ``close``.
+one small interface: ``engine`` (rank 0's sampler), ``sync``, ``release`` (before training),
+``restart_dead_servers`` (after a rollout failure) and ``close``; and :class:`RolloutLink`, the
+backend as a run uses it, which retries after a restart.
 
 - embedded: the embedded engine in global rank 0's process, synced in process;
 - servers: SGLang servers started elsewhere (disaggregated), synced by broadcast groups;
@@ -10,23 +11,32 @@ one small interface the session uses: ``engine`` (rank 0's sampler), ``sync``, `
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from sfpo_megatron.common.log import EVERY_RANK
 from sfpo_megatron.config import Config
 from sfpo_megatron.launch.parallel import free_port
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
+from sfpo_megatron.rollout.scoring import retried
 from sfpo_megatron.rollout.server_pool import ServerPool
 from sfpo_megatron.rollout.sglang_client import MEMORY_TAGS, SGLangClient
 from sfpo_megatron.sync.broadcast import DistributedSync
 from sfpo_megatron.sync.colocated import ColocatedSync
 from sfpo_megatron.sync.in_process import sync_in_process
+
+if TYPE_CHECKING:
+    from sfpo_megatron.policy.actor import Actor
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddedBackend:
@@ -51,7 +61,7 @@ class EmbeddedBackend:
         if self.engine is not None:
             self.engine.release_memory()
 
-    def recover(self) -> bool:
+    def restart_dead_servers(self) -> bool:
         return False
 
     def close(self) -> None:
@@ -84,7 +94,7 @@ class ServersBackend:
     def release(self) -> None:
         """The servers have devices of their own."""
 
-    def recover(self) -> bool:
+    def restart_dead_servers(self) -> bool:
         return False
 
     def close(self) -> None:
@@ -117,10 +127,16 @@ class ColocatedBackend:
     def release(self) -> None:
         self.push.release()
 
-    def recover(self) -> bool:
+    def restart_dead_servers(self) -> bool:
         """Collective: restart every server that died (when configured); True if any was."""
         dead = self.server is not None and not self.server.alive()
         if dead and self.restart:
+            log.warning(
+                "rank %d: its rollout server %s died; restarting it",
+                dist.get_rank(),
+                self.server.url,
+                extra=EVERY_RANK,
+            )
             client = self.server.restart()
             if self.push.released:  # like the other engines until the next sync
                 client.release_memory_occupation(list(MEMORY_TAGS))
@@ -131,6 +147,9 @@ class ColocatedBackend:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+Backend = EmbeddedBackend | ServersBackend | ColocatedBackend
 
 
 def _launch(cfg: Config, engine: int) -> ServerProcess:
@@ -151,11 +170,11 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
             *("--tp-size", str(r.server_tp), "--kv-cache-gb", str(r.kv_cache_gb)),
             "--cuda-graphs" if r.cuda_graphs else "--no-cuda-graphs",
         ]
-    log = Path(cfg.logging.output_dir) / f"rollout_server{engine}.log"
+    output = Path(cfg.logging.output_dir) / f"rollout_server{engine}.log"
     server = ServerProcess(
         command,
         f"http://{host}:{port}",
-        log,
+        output,
         cfg.parallel.timeout_s,
         gpus,
         request_timeout_s=r.request_timeout_s,
@@ -164,11 +183,46 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
     return server
 
 
-def build_backend(
-    cfg: Config, arch: ModelArch, device: torch.device
-) -> EmbeddedBackend | ServersBackend | ColocatedBackend:
+def build_backend(cfg: Config, arch: ModelArch, device: torch.device) -> Backend:
     if cfg.rollout.engine == "servers":
         return ServersBackend(cfg, arch)
     if cfg.rollout.engine == "colocated":
         return ColocatedBackend(cfg, arch)
     return EmbeddedBackend(cfg, arch, device)
+
+
+class RolloutLink:
+    """The rollout backend as a run uses it (every method collective): weight sync and the
+    memory hand-off, each tried once more after a dead server was restarted, and the
+    recovery of a failed batch."""
+
+    def __init__(self, backend: Backend, actor: Actor) -> None:
+        self.backend, self.actor = backend, actor
+        self.engine = backend.engine
+        self.version = 0
+        """The weight version the engine serves: the last one synced."""
+
+    def sync(self, version: int) -> None:
+        """Push the actor's weights into the engine as ``version``."""
+        self.version = version
+        retried(lambda: self.backend.sync(self.actor.chunks, version), self.restart_dead_servers)
+
+    def release(self) -> None:
+        """Before training: the engine's accelerator memory goes to the actor."""
+        retried(self.backend.release, self.restart_dead_servers)
+
+    def restart_dead_servers(self) -> bool:
+        """After a rollout failure: whether a dead server was restarted (it holds no weights
+        yet; a sync that failed is simply tried again)."""
+        if not self.backend.restart_dead_servers():
+            return False
+        log.warning("a rollout server died and was restarted")
+        return True
+
+    def recover_rollouts(self) -> bool:
+        """After a failed batch: restart dead servers and give them the weights the engine
+        served; True when the batch may be sampled again."""
+        if not self.restart_dead_servers():
+            return False
+        self.sync(self.version)
+        return True

@@ -10,6 +10,7 @@ or waits for the others in a collective they never enter.
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 from types import FrameType
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.config import CheckpointConfig, stop_signal
+
+log = logging.getLogger(__name__)
 
 EXIT_STATUS = 75
 """The exit status of a run stopped on request: EX_TEMPFAIL, "stopped early, try again" (it
@@ -68,19 +71,20 @@ class StopRequest:
 
     def end_run(self, iteration: int, total: int, saved: Path | None) -> NoReturn:
         """After the checkpoint of ``iteration`` (``saved``; None without ``checkpoint.dir``)
-        is complete: forget the request, say how to go on (rank 0), raise StopRequested."""
+        is complete: forget the request, say how to go on, raise StopRequested."""
         self.forget()
-        if self.rank0:
-            where = (
-                f"checkpoint {saved} is complete; continue with checkpoint.resume=auto"
-                if saved is not None
-                else "nothing was saved (no checkpoint.dir)"
-            )
-            print(
-                f"stopped on request after iteration {iteration} of {total}: {where} "
-                f"(exit status {EXIT_STATUS})",
-                flush=True,
-            )
+        where = (
+            f"checkpoint {saved} is complete; continue with checkpoint.resume=auto"
+            if saved is not None
+            else "nothing was saved (no checkpoint.dir)"
+        )
+        log.info(
+            "stopped on request after iteration %d of %d: %s (exit status %d)",
+            iteration,
+            total,
+            where,
+            EXIT_STATUS,
+        )
         raise StopRequested(iteration)
 
     def close(self) -> None:

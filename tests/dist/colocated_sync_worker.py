@@ -31,7 +31,7 @@ from sfpo_megatron.common.samples import SamplingParams  # noqa: E402
 from sfpo_megatron.common.errors import RolloutError
 from sfpo_megatron.sync.colocated import ColocatedSync  # noqa: E402
 from sfpo_megatron.protocol.flat_bucket import flatten  # noqa: E402
-from sfpo_megatron.training.loop import start  # noqa: E402
+from sfpo_megatron.training.preflight import launch_checked  # noqa: E402
 
 BUCKET_MB = 0.05
 SESSION_PATHS = {
@@ -82,7 +82,7 @@ def check_served(actor, arch, clients, before=None):
 def main():
     report, engine_tp, urls, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
     clients = [RecordingClient(url, timeout_s=120) for url in urls.split(",")]
     for client in clients:

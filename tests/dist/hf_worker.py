@@ -24,7 +24,7 @@ from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.models.arch import hf_directory
 from sfpo_megatron.models.gpt import build_model
 from sfpo_megatron.policy.optim import build_optimizer
-from sfpo_megatron.training.loop import start
+from sfpo_megatron.training.preflight import launch_checked
 
 
 def full_logits(actor, batch):
@@ -40,7 +40,7 @@ def full_logits(actor, batch):
 
 def run_case(overrides, tokens, out_dir, bucket_mb):
     cfg = load_config(None, overrides)
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     chunks = build_model(cfg, arch)
     load_hf_weights(chunks, arch, checkpoint)
     actor = Actor(cfg, arch, chunks, *build_optimizer(cfg, chunks))

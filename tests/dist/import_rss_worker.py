@@ -18,7 +18,7 @@ from sfpo_megatron.hf.load import load_hf_weights
 from sfpo_megatron.config import load_config
 from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.training.loop import start
+from sfpo_megatron.training.preflight import launch_checked
 
 
 def status_kib(field: str) -> int:
@@ -28,7 +28,7 @@ def status_kib(field: str) -> int:
 def main():
     report, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     chunks = build_model(cfg, arch)
     Path("/proc/self/clear_refs").write_text("5")
     before = status_kib("VmRSS")

@@ -4,7 +4,7 @@ each layout's log-probs before the update, metrics, and full state after it.
 
 Usage: torchrun --nproc_per_node N layouts_worker.py SPEC.json
 SPEC: {"layouts": {name: {"overrides": [...], "state": path, "batch": path}}, "out": dir}
-where "state" is a full state (sfpo_megatron.models.sharding) and "batch" PolicyBatch fields.
+where "state" is a full state (tests/full_state.py) and "batch" PolicyBatch fields.
 """
 
 import json
@@ -21,8 +21,10 @@ from sfpo_megatron.config import load_config
 from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.models.sharding import gather_full_state, load_full_state
 from sfpo_megatron.policy.optim import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from full_state import gather_full_state, load_full_state  # noqa: E402
 
 
 def run_layout(overrides, state, batch_data):

@@ -17,13 +17,13 @@ from sfpo_megatron.models.arch import hf_directory
 from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
 from sfpo_megatron.sync.in_process import sync_in_process
-from sfpo_megatron.training.loop import start
+from sfpo_megatron.training.preflight import launch_checked
 
 
 def main():
     report, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
     engine = EmbeddedEngine(hf_directory(cfg.model.hf_config)) if dist.get_rank() == 0 else None
     sync_in_process(actor.chunks, arch, engine, version=1, bucket_mb=0.05)

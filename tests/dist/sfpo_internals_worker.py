@@ -26,9 +26,11 @@ from sfpo_megatron.config import load_config
 from sfpo_megatron.launch.parallel import init_distributed, shutdown
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.models.gpt import build_model
-from sfpo_megatron.models.sharding import load_full_state
 from sfpo_megatron.policy.optim import build_optimizer
 from sfpo_megatron.algorithms.sfpo import SFPOUpdate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from full_state import load_full_state  # noqa: E402
 
 
 class NewStorageBytes(TorchDispatchMode):

@@ -26,7 +26,7 @@ from sfpo_megatron.launch.parallel import shutdown  # noqa: E402
 from sfpo_megatron.common.samples import SamplingParams  # noqa: E402
 from sfpo_megatron.rollout.sglang_client import SGLangClient  # noqa: E402
 from sfpo_megatron.sync.broadcast import DistributedSync  # noqa: E402
-from sfpo_megatron.training.loop import start  # noqa: E402
+from sfpo_megatron.training.preflight import launch_checked  # noqa: E402
 
 
 class ValidatingClient(SGLangClient):
@@ -52,7 +52,7 @@ def batch_from(samples):
 def main():
     report, url, base_port, *overrides = sys.argv[1:]
     cfg = load_config(None, overrides)
-    arch, checkpoint = start(cfg)
+    arch, checkpoint = launch_checked(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
     client = ValidatingClient(url, timeout_s=120)
     client.wait_healthy(60)
