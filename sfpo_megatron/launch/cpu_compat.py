@@ -88,7 +88,7 @@ def enable() -> None:
     # Schedules, optimizers and clip_grads create scalars with device="cuda".
     _mode = _CudaFactoriesOnCpu()
     _mode.__enter__()
-    _log.info("Megatron-Core CPU compatibility patches enabled")
+    _log.info("Megatron-Core CPU compatibility patches enabled (parallel.backend: gloo)")
 
 
 def disable() -> None:
@@ -105,7 +105,7 @@ def disable() -> None:
             delattr(owner, name)
         else:
             setattr(owner, name, original)
-    _log.info("Megatron-Core CPU compatibility patches disabled")
+    _log.debug("Megatron-Core CPU compatibility patches disabled")
 
 
 def enabled() -> bool:
