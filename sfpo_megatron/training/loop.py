@@ -44,50 +44,50 @@ def train(cfg: Config) -> list[dict[str, float]]:
         shutdown()
 
 
-def rl_iteration(s: Run, iteration: int) -> dict[str, float]:
+def rl_iteration(run: Run, iteration: int) -> dict[str, float]:
     """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
-    scored, metrics = collect_groups(s, iteration)
-    s.rollout.release()
+    scored, metrics = collect_groups(run, iteration)
+    run.rollout.release()
     batch, rollout_logprobs = policy_batch(scored)
     clock = time.perf_counter()
-    old_logprobs, _ = s.actor.forward_logprobs(batch)
+    old_logprobs, _ = run.actor.forward_logprobs(batch)
     mask = batch.response_mask
     metrics["rollout_logprob_gap"] = float((old_logprobs - rollout_logprobs).abs()[mask].mean())
     batch = replace(batch, old_logprobs=old_logprobs)
-    if s.kl_reference is not None:
-        batch = replace(batch, ref_logprobs=s.kl_reference.logprobs(batch))
+    if run.kl_reference is not None:
+        batch = replace(batch, ref_logprobs=run.kl_reference.logprobs(batch))
     metrics["time_old_logprobs"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    result = s.update.step(batch)
+    result = run.update.step(batch)
     metrics.update(result.metrics)
     metrics["time_update"] = time.perf_counter() - clock
-    metrics["lr"] = s.actor.scheduler.get_lr(s.actor.optimizer.param_groups[0])
-    s.actor.step_lr()
+    metrics["lr"] = run.actor.scheduler.get_lr(run.actor.optimizer.param_groups[0])
+    run.actor.step_lr()
     metrics["alpha"] = result.alpha
     metrics["switched"] = float(result.switched)
 
     clock = time.perf_counter()
-    s.rollout.sync(version=iteration)
+    run.rollout.sync(version=iteration)
     metrics["time_sync"] = time.perf_counter() - clock
     metrics["weight_version"] = float(iteration)
     metrics["response_length"] = float(mask.sum()) / batch.num_sequences
     return metrics
 
 
-def collect_groups(s: Run, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
+def collect_groups(run: Run, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
     """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
     enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
     counts into the run's cumulative ``rollouts``. Raises
     :class:`~sfpo_megatron.data.rewards.RewardFailure` on every rank (their stats are the same) when
     reward errors reach ``reward.max_error_fraction`` of the iteration's samples."""
-    t = s.cfg.train
+    t = run.cfg.train
     rounds: list[ScoredGroups] = []
     totals: dict[str, float] = {}
     informative = 0
     for round_index in range(t.max_sampling_rounds if t.dynamic_sampling else 1):
-        items = s.prompts.next_batch(t.prompts_per_step)
-        scored, stats = s.scorer.sample(items, s.sampling(iteration, round_index))
+        items = run.prompts.next_batch(t.prompts_per_step)
+        scored, stats = run.scorer.sample(items, run.sampling(iteration, round_index))
         rounds.append(scored)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
@@ -95,10 +95,10 @@ def collect_groups(s: Run, iteration: int) -> tuple[ScoredGroups, dict[str, floa
         if informative >= t.prompts_per_step:
             break
     rewards = [r for scored in rounds for r in scored.rewards]
-    r = s.cfg.reward
+    r = run.cfg.reward
     check_error_fraction(int(totals["reward_errors"]), len(rewards), r.max_error_fraction, r.fn)
-    s.rollouts += len(rewards)
-    totals["rollouts"] = s.rollouts
+    run.rollouts += len(rewards)
+    totals["rollouts"] = run.rollouts
     totals["reward_mean"] = sum(rewards) / len(rewards)
     totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
     totals["groups_kept"] = float(min(informative, t.prompts_per_step))
