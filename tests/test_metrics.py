@@ -98,7 +98,7 @@ def test_read_metrics_names_the_file_and_line_of_a_bad_record(tmp_path):
 
 
 def test_ranks_other_than_zero_write_and_print_nothing(tmp_path, monkeypatch, capsys, cli_logging):
-    monkeypatch.setattr(metrics_mod, "_global_rank", lambda: 1)
+    monkeypatch.setattr(metrics_mod, "global_rank", lambda: 1)
     log = make_log(tmp_path / "out", total=1, tensorboard=True, wandb_project="p")
     log.log(1, {"reward_mean": 0.5})
     log.close()

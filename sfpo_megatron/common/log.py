@@ -18,6 +18,8 @@ import logging
 import os
 import sys
 
+from sfpo_megatron.common.ranks import launcher_rank
+
 ALL_RANKS_ENV = "SFPO_LOG_ALL_RANKS"
 """Set to 1 to see every rank's records, not only global rank 0's."""
 
@@ -33,11 +35,8 @@ def global_rank() -> int:
     dist = sys.modules.get("torch.distributed")  # not imported: no process group either
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"])
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return 0
+    found = launcher_rank(os.environ)
+    return 0 if found is None else found[1]
 
 
 class RankFilter(logging.Filter):

@@ -4,7 +4,7 @@ Megatron-Core hard-codes CUDA in a handful of places (device="cuda" factories, t
 RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks). Each patch below maps
 one of those to the CPU and says why. :func:`enable` refuses to run when CUDA is
 available, so none of this can be active on a GPU; nothing here is applied on import, and
-:func:`disable` gives back every original (``distributed.shutdown`` calls it).
+:func:`disable` gives back every original (``launch.parallel.shutdown`` calls it).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sfpo_megatron.common.errors import ConfigError, RolloutError
+from sfpo_megatron.common.ranks import launcher_rank
 from sfpo_megatron.config import Config, validate_layout
 from sfpo_megatron.launch import cpu_compat
 from sfpo_megatron.models.arch import ModelArch
@@ -49,26 +50,28 @@ def first_slurm_host(nodelist: str) -> str:
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     """Rank layout from torchrun's variables, else Slurm's, else a single process."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    found = launcher_rank(env)
+    if found is None:
+        return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+    launcher, rank, world_size = found
+    if launcher == "torchrun":
         return LaunchEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
+            rank=rank,
+            world_size=world_size,
             local_rank=int(env.get("LOCAL_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
-            launcher="torchrun",
+            launcher=launcher,
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        return LaunchEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-            master_port=int(env.get("MASTER_PORT", _slurm_port(env))),
-            launcher="slurm",
-        )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    return LaunchEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        master_port=int(env.get("MASTER_PORT", _slurm_port(env))),
+        launcher=launcher,
+    )
 
 
 def _slurm_port(env: dict[str, str]) -> int:

@@ -10,10 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.common.files import write_atomic
+from sfpo_megatron.common.log import global_rank
 from sfpo_megatron.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -49,10 +48,6 @@ EVAL_PREFIX = "eval/"
 
 class MetricsFileError(ValueError):
     """A metrics.jsonl line is not a JSON object with an integer ``iteration``."""
-
-
-def _global_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -109,7 +104,7 @@ class MetricsLog:
         resume_from: int = 0,
     ) -> None:
         self.cfg, self.total, self.resume_from = cfg, total_iterations, resume_from
-        self.enabled = _global_rank() == 0
+        self.enabled = global_rank() == 0
         self.algorithm = str(run_config.get("algorithm", {}).get("name", ""))
         self.start = time.perf_counter()
         self._file = self._tensorboard = self._wandb = None
