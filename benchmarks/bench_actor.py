@@ -51,6 +51,7 @@ class Shape:
 
 PRESETS = {
     "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, vocab=300, tie=False),
+    "small": Shape(hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, vocab=2048, tie=False),
     "0.5b": Shape(hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864, vocab=151936, tie=True),
     "1.5b": Shape(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936, tie=True),
 }
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             "train.mini_batch_prompts=1",
             f"train.samples_per_prompt={rows}",
             f"train.micro_batch_size={args.micro_batch_size}",
+            "train.packing=false",  # equal full rows: nothing to pack (bench_packing.py)
         ],
     )
     arch, _ = launch_checked(cfg)

@@ -43,6 +43,10 @@ BASE = [
     "model.dtype=fp32",
     f"algorithm.sfpo.inner_steps={K}",
     f"algorithm.sfpo.alpha={ALPHA}",
+    # Packs of two of make_batch's sequences (14-16 tokens): several packs per mini-batch.
+    "data.max_prompt_length=8",
+    "rollout.max_response_length=24",
+    "train.max_tokens_per_micro_batch=32",
 ]
 TP2, PP2, VPP2, SP = (
     "parallel.tensor=2",
@@ -50,10 +54,11 @@ TP2, PP2, VPP2, SP = (
     "parallel.virtual_pipeline=2",
     "parallel.sequence_parallel=true",
 )
-NO_DIST_OPT, BF16, HOST = (
+NO_DIST_OPT, BF16, HOST, PADDED = (
     "parallel.distributed_optimizer=false",
     "model.dtype=bf16",
     "algorithm.sfpo.snapshot=host",
+    "train.packing=false",
 )
 OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
 
@@ -87,7 +92,9 @@ SFPO_FP32 = {
     "sfpo_tp1": (1, "qwen2", []),
     "sfpo_tp2": (2, "qwen2", [TP2]),
     "sfpo_tp2_host": (2, "qwen3", [TP2, HOST]),
+    "sfpo_tp2_sp": (2, "qwen2", [TP2, SP]),
     "sfpo_pp2": (2, "qwen2", [PP2]),
+    "sfpo_pp2_vpp2": (2, "qwen2", [PP2, VPP2]),
     "sfpo_pp2_host_no_dist_opt": (2, "qwen2", [PP2, HOST, NO_DIST_OPT]),
     "sfpo_dp2": (2, "qwen2", []),
     "sfpo_dp2_host": (2, "qwen2", [HOST]),
@@ -102,6 +109,12 @@ SFPO_BF16 = {
     "sfpo_dp2_bf16": (2, "qwen2", [BF16]),
     "sfpo_tp2_dp2_bf16_host": (4, "qwen2", [TP2, BF16, HOST]),
 }
+PACKING_CHECKED = ("tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2")
+"""Layouts also run with padded micro-batches, for a packed-vs-padded comparison."""
+for _table, _prefix in ((GRPO_FP32, ""), (SFPO_FP32, "sfpo_")):
+    for _name in PACKING_CHECKED:
+        _world, _model, _overrides = _table[_prefix + _name]
+        _table[f"{_prefix}{_name}_padded"] = (_world, _model, _overrides + [PADDED])
 GROUPS = {"grpo": {**GRPO_FP32, **GRPO_BF16}, "sfpo": {**SFPO_FP32, **SFPO_BF16}}
 
 

@@ -142,8 +142,12 @@ def test_activation_estimate_structure(qwen7b):
     assert acts("model.recompute_activations=true") < tp1 / 5
     local = acts(world=8, flash_attention=False)
     assert local > tp1 + 28 * 28 * 4096**2 * 6 * 0.99  # fp32 softmax + bf16 cast of S x S
-    seq = lambda s: plan_of(qwen7b, seq_length=s).worst("activations")  # noqa: E731
+    padded = "train.packing=false"
+    seq = lambda s: plan_of(qwen7b, padded, seq_length=s).worst("activations")  # noqa: E731
     assert seq(8192) == pytest.approx(2 * seq(4096), rel=1e-3)  # linear in S with flash
+    assert seq(4096) == pytest.approx(tp1, rel=1e-3)  # the default budget: one padded row
+    budget = lambda b: acts(f"train.max_tokens_per_micro_batch={b}")  # noqa: E731
+    assert budget(2 * 4096) == pytest.approx(2 * budget(4096), rel=1e-3)  # packed: the budget
     stages = plan_of(qwen7b, "parallel.pipeline=4")
     per_stage = [stages.stage(s).bytes["activations"] for s in range(4)]
     assert per_stage[0] > per_stage[1] > per_stage[2]  # 1F1B: stage r holds P - r micro-batches
@@ -215,7 +219,7 @@ def test_cli_table_and_errors(qwen7b, capsys):
     assert "parallel.tensor=3 must divide" in capsys.readouterr().err
     # a run YAML brings its model, layout and batch; flags override them
     assert cli(str(REPO / "examples/configs/demo.yaml"), "--gpus", "2", "--tensor", "2") == 0
-    assert "TP2 PP1 DP1 dist-opt fp32 mbs 128 x seq 11" in capsys.readouterr().out
+    assert "TP2 PP1 DP1 dist-opt fp32 packed 1408 tokens, seq 11" in capsys.readouterr().out
 
 
 def test_search_respects_the_run_config(qwen7b):

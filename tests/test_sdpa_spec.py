@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from layouts import BASE, SP, TP2, assert_within_bf16, make_batch, rel_err
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -90,6 +91,40 @@ def test_sdpa_matches_explicit_causal_attention(heads, groups, dtype, tol):
         assert rel_err(g, w) < tol, name
 
 
+@pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2)])
+def test_packed_sequences_attend_within_themselves(heads, groups):
+    """THD input (``[t, heads, d]``, Megatron's packed format): each sequence's output and
+    input gradients are those of causal attention over that sequence alone."""
+    attention = _attention(_config(heads, groups))
+    lengths = [5, 1, 7, 3]
+    q, k, v = (
+        t[:, 0].detach().requires_grad_()
+        for t in _qkv(sum(lengths), 1, heads, groups, torch.float32)
+    )
+    bounds = torch.tensor([0, *lengths]).cumsum(0).int()
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=bounds,
+        cu_seqlens_kv=bounds,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+    )
+    out = attention(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (sum(lengths), heads * 8)
+    expected = torch.cat(
+        [
+            _explicit_attention(*(t[a:b].unsqueeze(1) for t in (q, k, v)), 1 / math.sqrt(8))[:, 0]
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+        ]
+    )
+    assert rel_err(out, expected) < 2e-6
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad.double())
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-6, name
+
+
 def test_sdpa_uses_the_configured_softmax_scale():
     q, k, v = _qkv(6, 2, 4, 2, torch.float32)
     out = _attention(_config(4, 2), softmax_scale=0.5)(q, k, v, None)
@@ -113,7 +148,7 @@ def test_sdpa_refuses_unsupported_layers(kwargs, config, what):
 @pytest.mark.parametrize(
     "kwargs, what",
     [
-        ({"packed_seq_params": object()}, "packed sequences"),
+        ({"packed_seq_params": PackedSeqParams(qkv_format="sbhd")}, "packed formats"),
         ({"attention_bias": torch.zeros(1)}, "attention bias"),
         ({"attn_mask_type": AttnMaskType.no_mask}, "attn_mask_type"),
     ],
@@ -354,7 +389,8 @@ def _run_actor(overrides: list[str], attention: str, state: dict, batch_data: di
     from sfpo_megatron.policy.batch import PolicyBatch
     from sfpo_megatron.policy.optim import build_optimizer
 
-    cfg = load_config(None, [*overrides, f"model.attention={attention}"])
+    packing = "train.packing=false" if attention == "local" else "train.packing=true"
+    cfg = load_config(None, [*overrides, f"model.attention={attention}", packing])
     arch = read_hf_config(cfg.model.hf_config)
     init_distributed(cfg, arch)
     chunks = gpt.build_model(cfg, arch)

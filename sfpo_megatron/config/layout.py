@@ -67,19 +67,22 @@ def validate_layout(cfg: Config, arch: ModelShape, world_size: int) -> int:
         f"rollout.engine=colocated: rollout.server_tp={r.server_tp} must divide the world size "
         f"{world_size} (one engine per server_tp trainer ranks)",
     )
+    if t.packing:
+        return dp
     per_rank = t.micro_batch_size * dp
     require(
         cfg.sequences_per_mini_batch % per_rank == 0,
         f"a mini-batch of train.mini_batch_prompts x train.samples_per_prompt = "
         f"{cfg.sequences_per_mini_batch} sequences must split into train.micro_batch_size="
-        f"{t.micro_batch_size} x data-parallel size {dp} (micro-batches x DP)",
+        f"{t.micro_batch_size} x data-parallel size {dp} (micro-batches x DP) when "
+        f"train.packing=false",
     )
     if p.interleaved:
         micro_batches = cfg.sequences_per_mini_batch // per_rank
         require(
             micro_batches % p.pipeline == 0,
             f"the interleaved schedule needs micro-batches per mini-batch ({micro_batches}) to be "
-            f"a multiple of parallel.pipeline={p.pipeline}",
+            f"a multiple of parallel.pipeline={p.pipeline} when train.packing=false",
         )
     return dp
 
@@ -88,8 +91,8 @@ def validate_lengths(cfg: Config, arch: ModelShape) -> None:
     """A training run's prompt + response must fit the model's positions."""
     prompt, response = cfg.data.max_prompt_length, cfg.rollout.max_response_length
     require(
-        prompt + response <= arch.max_position_embeddings,
+        cfg.longest_sequence <= arch.max_position_embeddings,
         f"data.max_prompt_length={prompt} + rollout.max_response_length={response} = "
-        f"{prompt + response} tokens exceed the model's max_position_embeddings="
+        f"{cfg.longest_sequence} tokens exceed the model's max_position_embeddings="
         f"{arch.max_position_embeddings} of model.hf_config={cfg.model.hf_config}",
     )

@@ -41,6 +41,17 @@ class Config:
     def sequences_per_mini_batch(self) -> int:
         return self.train.mini_batch_prompts * self.train.samples_per_prompt
 
+    @property
+    def longest_sequence(self) -> int:
+        """Prompt + response tokens of the longest sequence a rollout can produce."""
+        return self.data.max_prompt_length + self.rollout.max_response_length
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per packed micro-batch (``train.max_tokens_per_micro_batch``)."""
+        budget = self.train.max_tokens_per_micro_batch
+        return budget if budget is not None else self.train.micro_batch_size * self.longest_sequence
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -54,6 +65,19 @@ class Config:
             t.warm_start_steps == 0 or t.warm_start_lr is not None or o.lr > 0,
             f"train.warm_start_steps={t.warm_start_steps} would run at LR 0 "
             f"(train.warm_start_lr=null means optimizer.lr={o.lr}): set train.warm_start_lr > 0",
+        )
+        require(
+            self.token_budget >= self.longest_sequence,
+            f"train.max_tokens_per_micro_batch={self.token_budget} is below the longest "
+            f"sequence: data.max_prompt_length={self.data.max_prompt_length} + "
+            f"rollout.max_response_length={self.rollout.max_response_length} = "
+            f"{self.longest_sequence} tokens",
+        )
+        require(
+            not (t.packing and self.model.attention == "local"),
+            "train.packing=true needs model.attention=auto or sdpa: Megatron's local "
+            "attention (model.attention=local) cannot keep packed sequences apart; set "
+            "train.packing=false to use it",
         )
         require(
             t.warm_start_steps == 0 or self.data.require_answer,

@@ -22,7 +22,16 @@ class TrainConfig:
     mini_batch_prompts: int = 64
     """Prompts per optimizer step; a training pass makes prompts_per_step / this many steps."""
     micro_batch_size: int = 1
-    """Sequences per forward/backward on one data-parallel rank."""
+    """Sequences per forward/backward on one data-parallel rank when ``packing`` is false;
+    with packing, sets the default ``max_tokens_per_micro_batch``."""
+    packing: bool = True
+    """Lay whole sequences end to end in each micro-batch (attention within a sequence,
+    positions restarting) so the actor computes only real tokens; false pads every row to
+    the batch's longest (for comparison and debugging)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of a packed micro-batch; None = ``micro_batch_size`` x the longest
+    possible sequence (``data.max_prompt_length + rollout.max_response_length``): the
+    memory of a padded micro-batch at the cap."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts
     until ``prompts_per_step`` groups have signal (or ``max_sampling_rounds`` is reached)."""
@@ -47,6 +56,8 @@ class TrainConfig:
             f"train.prompts_per_step={self.prompts_per_step} must be a multiple of "
             f"train.mini_batch_prompts={self.mini_batch_prompts}",
         )
+        if self.max_tokens_per_micro_batch is not None:
+            at_least("train.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, 1)
         at_least("train.max_sampling_rounds", self.max_sampling_rounds, 1)
         require(
             self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,

@@ -27,35 +27,21 @@ from sfpo_megatron.policy.losses import (
     grpo_token_loss,
     vocab_parallel_logprob_entropy,
 )
+from sfpo_megatron.policy.micro_batches import Geometry, MicroBatch, Plan, plan_micro_batches
 from sfpo_megatron.policy.optim import MasterWeights, build_optimizer, master_weights
 
 
-def _shift_left(x: torch.Tensor) -> torch.Tensor:
-    """Column t of the result holds column t + 1 of ``x`` (the token position t predicts)."""
-    return torch.nn.functional.pad(x[:, 1:], (0, 1))
-
-
-def _micro_batches(batch: PolicyBatch, size: int, device: torch.device) -> list[dict]:
-    """Model inputs and per-target tensors, shifted so column t is what position t predicts."""
-    out = []
-    positions = torch.arange(batch.seq_length, device=device)
-    for start in range(0, batch.num_sequences, size):
-        mb = batch.rows(start, start + size)
-        mask = _shift_left(mb.response_mask.to(device)).float()
-        item = {
-            "tokens": mb.tokens.to(device),
-            "position_ids": positions.expand(mb.num_sequences, -1),
-            "targets": _shift_left(mb.tokens.to(device)),
-            "mask": mask,
-        }
-        if mb.advantages is not None:
-            item["advantages"] = mb.advantages.to(device).float().unsqueeze(1).expand_as(mask)
-        for name in ("old_logprobs", "ref_logprobs"):
-            value = getattr(mb, name)
-            if value is not None:
-                item[name] = _shift_left(value.to(device).float())
-        out.append(item)
-    return out
+def _real_tokens(outputs: list[torch.Tensor], micro_batches: list[MicroBatch]) -> torch.Tensor:
+    """``[C, tokens]``: each micro-batch's ``[C, b * s]`` outputs cut to its rows' segments."""
+    return torch.cat(
+        [outputs[0][:, :0]]
+        + [
+            values[:, seg.start : seg.start + seg.length]
+            for values, mb in zip(outputs, micro_batches, strict=True)
+            for seg in mb.segments
+        ],
+        dim=1,
+    )
 
 
 class Actor:
@@ -102,22 +88,26 @@ class Actor:
 
     # ------------------------------------------------------------------ schedule plumbing
 
-    def _run_schedule(
-        self, micro_batches: list[dict], loss_func, forward_only: bool, seq_length: int
-    ) -> list:
+    def _run_schedule(self, plan: Plan, loss_func, forward_only: bool) -> list:
         def forward_step(data_iterator: Iterator, model):
             mb = next(data_iterator)
-            output = model(mb["tokens"], mb["position_ids"], None)
+            output = model(
+                mb["tokens"],
+                mb["position_ids"],
+                None,
+                packed_seq_params=mb.get("packed_seq_params"),
+            )
             return output, partial(loss_func, mb)
 
-        iterators = [iter(micro_batches) for _ in self.chunks]
+        inputs = [mb.inputs for mb in plan.micro_batches]
+        iterators = [iter(inputs) for _ in self.chunks]
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
+            num_microbatches=len(inputs),
+            seq_length=plan.seq_length,
+            micro_batch_size=plan.micro_batch_size,
             forward_only=forward_only,
         )
 
@@ -127,18 +117,22 @@ class Actor:
             logits, mb["targets"], self.vocab_start, self.arch.vocab_size, self.tp_group
         )
 
-    def _my_rows(self, batch: PolicyBatch) -> PolicyBatch:
-        per_rank = batch.num_sequences // self.dp_size
-        return batch.rows(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-
-    def _prepare(self, batch: PolicyBatch, rows_multiple: int) -> PolicyBatch:
-        if batch.num_sequences % rows_multiple:
-            raise ValueError(
-                f"a batch of {batch.num_sequences} sequences does not split into "
-                f"train.micro_batch_size x data-parallel size = {rows_multiple}"
-            )
+    def plan(self, batch: PolicyBatch, packing: bool | None = None) -> Plan:
+        """How ``batch`` is cut into this rank's micro-batches (``packing``: None =
+        ``train.packing``)."""
+        t, p = self.cfg.train, self.cfg.parallel
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        return batch.padded_to(tp if self.cfg.parallel.sequence_parallel else 1)
+        geometry = Geometry(
+            packing=t.packing if packing is None else packing,
+            token_budget=self.cfg.token_budget,
+            micro_batch_size=t.micro_batch_size,
+            data_parallel=self.dp_size,
+            data_parallel_rank=self.dp_rank,
+            sequence_multiple=tp if p.sequence_parallel else 1,
+            pipelined=p.pipeline > 1,
+            micro_batch_multiple=p.pipeline if p.interleaved else 1,
+        )
+        return plan_micro_batches(batch, geometry, self.device)
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """Broadcast a last-pipeline-stage result to every stage."""
@@ -156,27 +150,48 @@ class Actor:
     def forward_logprobs(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy of every token under the current policy, ``[N, S]`` each,
         aligned with ``batch.tokens`` and zero outside ``response_mask``."""
-        size = self.cfg.train.micro_batch_size
-        padded = self._prepare(batch, size * self.dp_size)
+        plan = self.plan(batch)
         for chunk in self.chunks:
             chunk.eval()
 
         def collect(mb, logits):
             logprob, entropy = self._logprob_entropy(mb, logits)
             no_tokens = torch.zeros((), dtype=torch.int)
-            return logits.new_zeros(()), no_tokens, torch.stack([logprob, entropy], dim=1)
+            return logits.new_zeros(()), no_tokens, torch.stack([logprob, entropy]).flatten(1)
 
-        mine = _micro_batches(self._my_rows(padded), size, self.device)
-        outputs = self._run_schedule(mine, collect, forward_only=True, seq_length=padded.seq_length)
-        local = torch.zeros(len(mine) * size, 2, padded.seq_length, device=self.device)
+        outputs = self._run_schedule(plan, collect, forward_only=True)
+        mine = sum(plan.lengths[row] for rows in plan.groups[self.dp_rank] for row in rows)
+        local = torch.zeros(2, mine, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            local = torch.cat(outputs, dim=0)
-        local = self._from_last_stage(local.contiguous())
-        full = torch.empty(padded.num_sequences, 2, padded.seq_length, device=self.device)
-        dist.all_gather_into_tensor(full, local, group=parallel_state.get_data_parallel_group())
-        aligned = torch.nn.functional.pad(full[..., :-1], (1, 0))[..., : batch.seq_length]
-        aligned = aligned * batch.response_mask.to(self.device).unsqueeze(1)
-        return aligned[:, 0].cpu(), aligned[:, 1].cpu()
+            local = _real_tokens(outputs, plan.micro_batches)
+        shifted = self._gather_rows(plan, self._from_last_stage(local.contiguous()), batch)
+        aligned = torch.nn.functional.pad(shifted[..., :-1], (1, 0))[..., : batch.seq_length]
+        aligned = aligned * batch.response_mask.to(self.device)
+        return aligned[0].cpu(), aligned[1].cpu()
+
+    def _gather_rows(self, plan: Plan, local: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
+        """``[C, N, W]``: every data-parallel rank's per-row outputs (``local``: this rank's,
+        its rows' tokens end to end in plan order), zero past each row's carried tokens."""
+        channels = local.size(0)
+        width = max(max(plan.lengths), batch.seq_length)
+        index = [
+            torch.cat(
+                [row * width + torch.arange(plan.lengths[row]) for rows in groups for row in rows]
+                or [torch.zeros(0, dtype=torch.long)]
+            )
+            for groups in plan.groups
+        ]
+        size = max(len(i) for i in index)
+        gathered = torch.empty(self.dp_size * channels, size, device=self.device)
+        padded = torch.nn.functional.pad(local, (0, size - local.size(1)))
+        dist.all_gather_into_tensor(
+            gathered, padded.contiguous(), group=parallel_state.get_data_parallel_group()
+        )
+        gathered = gathered.view(self.dp_size, channels, size)
+        out = torch.zeros(channels, batch.num_sequences * width, device=self.device)
+        for rank, rank_index in enumerate(index):
+            out.index_copy_(1, rank_index.to(self.device), gathered[rank, :, : len(rank_index)])
+        return out.view(channels, batch.num_sequences, width)
 
     def train_pass(
         self, batch: PolicyBatch, before_step: Callable[[], None] | None = None
@@ -189,34 +204,31 @@ class Actor:
         if batch.advantages is None or batch.old_logprobs is None:
             raise ValueError("a training pass needs advantages and old_logprobs in the batch")
         mini = self.cfg.sequences_per_mini_batch
-        size = self.cfg.train.micro_batch_size
         if batch.num_sequences % mini:
             raise ValueError(
                 f"a batch of {batch.num_sequences} sequences does not split into mini-batches of "
                 f"train.mini_batch_prompts x train.samples_per_prompt = {mini}"
             )
-        padded = self._prepare(batch, size * self.dp_size)
         for chunk in self.chunks:
             chunk.train()
-        sums = torch.zeros(len(LOSS_STATS) + 1, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(LOSS_STATS) + 2, dtype=torch.float64, device=self.device)
         grad_norms, steps = [], 0
-        for start in range(0, padded.num_sequences, mini):
-            stats, grad_norm = self._optimizer_step(
-                padded.rows(start, start + mini), size, before_step
-            )
+        for start in range(0, batch.num_sequences, mini):
+            stats, grad_norm = self._optimizer_step(batch.rows(start, start + mini), before_step)
             sums += stats
             grad_norms.append(grad_norm)
             steps += 1
         sums = self._from_last_stage(sums)
-        tokens = max(sums[-1].item(), 1.0)
+        tokens = max(sums[-2].item(), 1.0)
         metrics = {name: sums[i].item() / tokens for i, name in enumerate(LOSS_STATS)}
         metrics["grad_norm"] = sum(grad_norms) / steps
-        metrics["tokens"] = sums[-1].item()
+        metrics["tokens"] = sums[-2].item()
+        metrics["processed_tokens"] = sums[-1].item()
         metrics["optimizer_steps"] = steps
         return metrics
 
     def _optimizer_step(
-        self, mini_batch: PolicyBatch, size: int, before_step: Callable[[], None] | None
+        self, mini_batch: PolicyBatch, before_step: Callable[[], None] | None
     ) -> tuple[torch.Tensor, float]:
         def loss_func(mb, logits):
             logprob, entropy = self._logprob_entropy(mb, logits)
@@ -236,18 +248,17 @@ class Actor:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mine = _micro_batches(self._my_rows(mini_batch), size, self.device)
-        outputs = self._run_schedule(
-            mine, loss_func, forward_only=False, seq_length=mini_batch.seq_length
-        )
+        plan = self.plan(mini_batch)
+        outputs = self._run_schedule(plan, loss_func, forward_only=False)
         if before_step is not None:
             before_step()
         succeeded, grad_norm, _ = self.optimizer.step()
         if not succeeded:
             raise FloatingPointError("optimizer step skipped: inf/NaN gradients (fp16 overflow?)")
-        stats = torch.zeros(len(LOSS_STATS) + 1, dtype=torch.float64, device=self.device)
+        stats = torch.zeros(len(LOSS_STATS) + 2, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            stats = torch.stack(outputs).sum(dim=0)
+            processed = stats.new_tensor([plan.processed_tokens])
+            stats = torch.cat([torch.stack(outputs).sum(dim=0), processed])
             dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         return stats, float(grad_norm)
 

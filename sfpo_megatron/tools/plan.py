@@ -19,7 +19,8 @@ tensors of CPU runs and requires equality.
 - SFPO snapshot: 4 B per stepped element (``algorithm.name=sfpo``); 0 device B on host.
 
 Estimates (training step peak of one rank; d = bytes of the param dtype, s x b tokens of
-a micro-batch, h hidden, q = heads x head_dim / TP, k = KV groups x head_dim / TP,
+a micro-batch: ``train.max_tokens_per_micro_batch`` with packing, else micro-batch size x
+sequence length, h hidden, q = heads x head_dim / TP, k = KV groups x head_dim / TP,
 f = FFN / TP, h' = h / TP with sequence parallelism else h). Per layer and token, after
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models")
 adapted to GQA + SwiGLU + RMSNorm without dropout:
@@ -32,9 +33,11 @@ adapted to GQA + SwiGLU + RMSNorm without dropout:
 Full recompute keeps only each layer's input, d h' per token, plus one layer's full set.
 Pipeline stage r holds min(P - r, M) micro-batches of its L / P layers (1F1B), or
 min(2 (P - r - 1) + (V - 1) P + 1, M V) chunk passes of L / (P V) layers (interleaved), M
-the micro-batches per mini-batch per DP rank; the last stage adds the final norm and output
-layer inputs (2 d h' per token). Logits (last stage, one micro-batch in flight): the output
-layer's [b, S, V/TP] in dtype plus four fp32 tensors of that shape live at once in the
+the micro-batches per mini-batch per DP rank (packed: as if every sequence were as long as
+the plan's, so each micro-batch holds budget // sequence of them); the last stage adds the
+final norm and output layer inputs (2 d h' per token). Logits (last stage, one micro-batch
+in flight): the output layer's [b, S, V/TP] in dtype plus four fp32 tensors of that shape
+live at once in the
 vocab-parallel log-prob/entropy (scaled, masked, shifted logits, exp/probs): (d + 16) B.
 Rollout engine (colocated): the configured fraction of GPU memory, which must hold its
 bf16 weights (sharded like the trainer's TP) with the KV cache in the rest.
@@ -113,7 +116,10 @@ class MemoryPlan:
         parts.append(f"DP{self.data}")
         parts += ["SP"] * p.sequence_parallel + ["dist-opt"] * p.distributed_optimizer
         parts += [m.dtype] + ["recompute"] * m.recompute_activations
-        parts.append(f"mbs {self.cfg.train.micro_batch_size} x seq {self.seq_length}")
+        if self.cfg.train.packing:
+            parts.append(f"packed {self.cfg.token_budget} tokens, seq {self.seq_length}")
+        else:
+            parts.append(f"mbs {self.cfg.train.micro_batch_size} x seq {self.seq_length}")
         return " ".join(parts)
 
 
@@ -199,6 +205,20 @@ def model_parameters(arch: ModelArch) -> int:
     return arch.num_layers * sum(_layer_numels(arch, 1)) + arch.hidden_size + embeddings
 
 
+def micro_batch_tokens(cfg: Config, seq_length: int) -> int:
+    """Tokens of one micro-batch: the packing budget, or micro-batch size x sequence."""
+    return cfg.token_budget if cfg.train.packing else seq_length * cfg.train.micro_batch_size
+
+
+def micro_batches_per_rank(cfg: Config, dp: int, seq_length: int) -> int:
+    """Micro-batches of one mini-batch on one DP rank (packed: with every sequence
+    ``seq_length`` long, the most there can be)."""
+    per_rank = math.ceil(cfg.sequences_per_mini_batch / dp)
+    if not cfg.train.packing:
+        return per_rank // cfg.train.micro_batch_size
+    return math.ceil(per_rank / max(cfg.token_budget // seq_length, 1))
+
+
 def _activations(
     cfg: Config, arch: ModelArch, stage: int, seq: int, micro_batches: int, flash: bool
 ) -> int:
@@ -212,7 +232,7 @@ def _activations(
     elements = 4 * hidden + (q + 2 * kv) + q + 3 * arch.ffn_hidden_size / tp
     elements += (q + kv) * arch.qk_norm
     attention = 4 * heads if flash else (4 + d * (d < 4)) * heads * seq
-    tokens = seq * cfg.train.micro_batch_size
+    tokens = micro_batch_tokens(cfg, seq)
     layer, layer_input = tokens * (d * elements + attention), tokens * d * hidden
     if p.pipeline == 1:
         passes, layers = 1, arch.num_layers
@@ -243,7 +263,7 @@ def plan_memory(
     dp = validate_layout(cfg, arch, world_size)
     p, d = cfg.parallel, DTYPE_BYTES[cfg.model.dtype]
     dist_opt, chunks = p.distributed_optimizer, p.model_chunks
-    micro_batches = cfg.sequences_per_mini_batch // (cfg.train.micro_batch_size * dp)
+    micro_batches = micro_batches_per_rank(cfg, dp, seq_length)
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.vocab_pad_multiple, p.tensor)
     rollout = int(rollout_fraction * gpu_bytes)
     rollout_weights = 2 * model_parameters(arch) // p.tensor
@@ -267,7 +287,7 @@ def plan_memory(
         buffer = sum(end - start for start, end, _ in buckets)
         activations = _activations(cfg, arch, stage, seq_length, micro_batches, flash_attention)
         last = stage == p.pipeline - 1
-        tokens = seq_length * cfg.train.micro_batch_size
+        tokens = micro_batch_tokens(cfg, seq_length)
         logits = tokens * vocab // p.tensor * (d + 16) if last else 0
         for rank in range(dp):
             stepped = _stepped_elements(buckets, dp, rank) if dist_opt else unpadded

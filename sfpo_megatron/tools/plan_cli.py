@@ -147,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
         gpu_bytes = int(args.gpu_gb * GIB)
         usable = gpu_bytes - int(args.reserve_gb * GIB)
         options = dict(
-            seq_length=args.seq_length
-            or cfg.data.max_prompt_length + cfg.rollout.max_response_length,
+            seq_length=args.seq_length or cfg.longest_sequence,
             flash_attention=args.attention == "flash",
             rollout_fraction=args.rollout_fraction,
             gpu_bytes=gpu_bytes,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from sfpo_megatron.policy.actor import Actor, _micro_batches
+from sfpo_megatron.policy.actor import Actor
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.hf.export import export_stream, save_hf
 from sfpo_megatron.hf.load import load_hf_weights
@@ -33,8 +33,7 @@ def full_logits(actor, batch):
     def collect(mb, logits):
         whole = gather_from_tensor_model_parallel_region(logits.float())
         return logits.new_zeros(()), torch.zeros((), dtype=torch.int), whole
-    mbs = _micro_batches(batch, actor.cfg.train.micro_batch_size, actor.device)
-    out = actor._run_schedule(mbs, collect, forward_only=True, seq_length=batch.seq_length)
+    out = actor._run_schedule(actor.plan(batch, packing=False), collect, forward_only=True)
     return torch.cat(out)[..., : actor.arch.vocab_size] if out else None
 
 
