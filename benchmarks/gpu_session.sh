@@ -5,13 +5,14 @@
 # minutes (build is quick once done and keeps the machine's editable install current):
 #
 #   bash benchmarks/gpu_session.sh build reposition generate
-#   bash benchmarks/gpu_session.sh build actor
+#   bash benchmarks/gpu_session.sh build actor packing
 #   bash benchmarks/gpu_session.sh build iteration weight_sync
 #   bash benchmarks/gpu_session.sh build sfpo
 #
 # Steps: build (CUDA extension + the CUDA-only tests), reposition (fused ops vs copy), generate
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
-# peak memory vs plan), iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
+# peak memory vs plan), packing (packed vs padded micro-batches, 1.5B shape, 8k responses),
+# iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
 # weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy),
 # sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
@@ -65,6 +66,10 @@ actor() {
     python3 benchmarks/bench_actor.py --preset 1.5b --seq-length 2048 4096 --micro-batch-size 2
     python3 benchmarks/bench_actor.py --preset 1.5b --seq-length 4096 --micro-batch-size 2 \
         --attention local --steps 2
+}
+
+packing() {
+    python3 benchmarks/bench_packing.py --preset 1.5b --max-response 8192 --rows 64
 }
 
 iteration() {

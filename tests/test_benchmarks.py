@@ -155,3 +155,27 @@ def test_bench_weight_sync_tiny_cpu():
     for row in rows:
         seconds, gbps = map(float, row.split()[-2:])
         assert gbps == pytest.approx(4 * elements / seconds / 1e9, rel=0.01)
+
+
+def test_bench_packing_tiny_cpu():
+    out = run_script(
+        "bench_packing.py", *("--preset", "tiny", "--rows", "10", "--max-response", "64")
+    )
+    batch = re.search(r"at the cap; longest row (\d+) tokens, (\d+) useful tokens", out)
+    assert batch and "1 rows (10%) at the cap" in out
+    longest, useful = int(batch[1]), int(batch[2])
+    packed, padded = table(out)
+    assert (packed["cut"], padded["cut"]) == ("packed", "padded")
+    assert int(padded["processed tokens"]) == 10 * longest  # 5 micro-batches x 2 full rows
+    assert int(packed["processed tokens"]) == useful  # one rank, no TP/PP: no padding at all
+    for row in (packed, padded):
+        ratio = int(row["processed tokens"]) / useful
+        assert float(row["processed/useful"]) == pytest.approx(ratio, abs=0.006)
+    last = re.fullmatch(
+        r"packing speed-up: ([\d.]+)x \(train pass\), ([\d.]+)x \(forward\); "
+        r"processed/useful tokens: padded ([\d.]+), packed ([\d.]+)",
+        out.strip().splitlines()[-1],
+    )
+    assert last, out.strip().splitlines()[-1]
+    assert float(last[1]) > 0 and float(last[2]) > 0  # timings: the benchmark's to judge
+    assert (last[3], last[4]) == (padded["processed/useful"], packed["processed/useful"])
