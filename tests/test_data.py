@@ -390,3 +390,19 @@ def test_chat_template_encoder_without_template(tmp_path):
         encode(chat)
     with pytest.raises(DataError, match="tokenizer directory not found"):
         chat_template_encoder(str(tmp_path / "missing"))
+
+
+def test_warm_start_refuses_an_answer_longer_than_a_response():
+    from sfpo_megatron.algorithms.warm_start import answer_batch
+
+    record = PromptRecord("q", "a b c", "s", 3, "train.jsonl")
+    encode = lambda text: [5] * len(text.split())  # noqa: E731
+    batch = answer_batch([(0, [1, 2], record)], encode, eos=9, max_response_length=4)
+    assert batch.tokens.tolist() == [[1, 2, 5, 5, 5, 9]]
+    assert batch.response_mask.tolist() == [[False, False, True, True, True, True]]
+    with pytest.raises(
+        DataError,
+        match=r"train.jsonl, line 3: the warm start's answer \+ eos "
+        r"is 4 tokens, over rollout.max_response_length=3",
+    ):
+        answer_batch([(0, [1, 2], record)], encode, eos=9, max_response_length=3)

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from sfpo_megatron.common.errors import DataError
 from sfpo_megatron.data.prompts import BatchItem, PromptSet
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.policy.optim import constant_lr
@@ -31,10 +32,23 @@ log = logging.getLogger(__name__)
 
 
 def answer_batch(
-    items: list[BatchItem], encode_answer: Callable[[str], list[int]], eos: int
+    items: list[BatchItem],
+    encode_answer: Callable[[str], list[int]],
+    eos: int,
+    max_response_length: int,
 ) -> PolicyBatch:
-    """Rows prompt + answer + eos, the answer and eos marked as the response."""
-    rows = [(ids, encode_answer(record.answer) + [eos]) for _, ids, record in items]
+    """Rows prompt + answer + eos, the answer and eos marked as the response; an answer
+    longer than a response may be is a :class:`DataError` (the actor's micro-batches and
+    the model's positions are sized for responses)."""
+    rows = []
+    for _, ids, record in items:
+        answer = encode_answer(record.answer) + [eos]
+        if len(answer) > max_response_length:
+            raise DataError(
+                f"{record.where}: the warm start's answer + eos is {len(answer)} tokens, over "
+                f"rollout.max_response_length={max_response_length}"
+            )
+        rows.append((ids, answer))
     width = max(len(p) + len(a) for p, a in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -59,7 +73,8 @@ def warm_start(
     start = time.perf_counter()
     with constant_lr(actor.optimizer, lr):
         for step in range(1, steps + 1):
-            batch = answer_batch(prompts.next_batch(rows), encode_answer, eos)
+            items = prompts.next_batch(rows)
+            batch = answer_batch(items, encode_answer, eos, actor.cfg.rollout.max_response_length)
             logprobs, _ = actor.forward_logprobs(batch)
             actor.train_pass(replace(batch, old_logprobs=logprobs, ref_logprobs=logprobs))
             if step % max(steps // 10, 1) == 0 or step == 1:

@@ -89,7 +89,7 @@ def warm_start_lrs(overrides: list[str]) -> dict:
 
     actor.optimizer.step = recording_step
     prompts = Prompts(arch.vocab_size)
-    probe = answer_batch(Prompts(arch.vocab_size).next_batch(4), lambda _: [7], eos=1)
+    probe = answer_batch(Prompts(arch.vocab_size).next_batch(4), lambda _: [7], 1, 8)
     record["nll_before"] = -float(actor.forward_logprobs(probe)[0].sum())
     warm_start(actor, prompts, lambda _: [7], 1, WARM_START_STEPS, cfg.train.warm_start_lr)
     record["nll_after"] = -float(actor.forward_logprobs(probe)[0].sum())
