@@ -280,7 +280,8 @@ def test_explicit_choices_override_te(qwen3, gpu_with_te):
 def test_config_attention_key():
     hf = "model.hf_config=x"
     assert load_config(None, [hf]).model.attention == "auto"
-    assert load_config(None, [hf, "model.attention=local"]).model.attention == "local"
+    local = load_config(None, [hf, "model.attention=local", "train.packing=false"])
+    assert local.model.attention == "local"
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(None, [hf, "model.attention=flash"])
 
