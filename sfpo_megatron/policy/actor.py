@@ -50,7 +50,7 @@ def _micro_batches(batch: PolicyBatch, size: int, device: torch.device) -> list[
         }
         if mb.advantages is not None:
             item["advantages"] = mb.advantages.to(device).float().unsqueeze(1).expand_as(mask)
-        for name in ("old_logprobs", "ref_logprobs"):
+        for name in ("old_logprobs", "ref_logprobs", "rollout_weights"):
             value = getattr(mb, name)
             if value is not None:
                 item[name] = _shift_left(value.to(device).float())
@@ -227,6 +227,7 @@ class Actor:
                 entropy,
                 self.cfg.algorithm,
                 mb.get("ref_logprobs"),
+                mb.get("rollout_weights"),
             )
             mask = mb["mask"]
             tokens = mask.sum()
