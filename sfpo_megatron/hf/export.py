@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sfpo_megatron.hf.fp8 import quantize_tensor
 from sfpo_megatron.hf.load import INDEX, HFCheckpoint
 from sfpo_megatron.hf.mapping import rules, split
 from sfpo_megatron.models.arch import ModelArch
@@ -67,11 +68,15 @@ def stage_leader() -> bool:
 
 
 def export_stream(
-    chunks: list, arch: ModelArch, bucket_mb: float = SYNC_BUCKET_MB
+    chunks: list, arch: ModelArch, bucket_mb: float = SYNC_BUCKET_MB, weight_format: str = "bf16"
 ) -> Iterator[Bucket]:
     """This pipeline stage's tensors under HF names, whole (TP gathered, QKV and fc1 split,
     vocabulary padding removed), in buckets of at most ``bucket_mb`` (a larger tensor is a
-    bucket of its own). A collective over the TP group: every TP rank must iterate it."""
+    bucket of its own). A collective over the TP group: every TP rank must iterate it.
+
+    ``weight_format="fp8"``: each linear weight is quantized on its device as it comes
+    (:mod:`~sfpo_megatron.hf.fp8`) and travels with its scale in one bucket; "bf16": the
+    model's own dtype."""
     sync_params(chunks)
     limit = bucket_mb * 2**20
     by_name = {rule.megatron: rule for rule in rules(arch)}
@@ -86,11 +91,14 @@ def export_stream(
         for hf_name, tensor in zip(
             rule.hf, split(rule, full, arch.head_dim, heads_per_group), strict=True
         ):
-            nbytes = tensor.numel() * tensor.element_size()
+            parts = (
+                quantize_tensor(hf_name, tensor) if weight_format == "fp8" else [(hf_name, tensor)]
+            )
+            nbytes = sum(t.numel() * t.element_size() for _, t in parts)
             if bucket and size + nbytes > limit:
                 yield bucket
                 bucket, size = [], 0
-            bucket.append((hf_name, tensor.contiguous().cpu()))
+            bucket.extend((name, t.contiguous().cpu()) for name, t in parts)
             size += nbytes
     if bucket:
         yield bucket

@@ -1,0 +1,95 @@
+"""FP8 rollout weights: the block quantizer against e4m3's rounding and Model Optimizer's QDQ
+reference, the export bucket pairing, and the embedded engine fed fp8 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sfpo_megatron.hf.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_bucket,
+    dequantize_fp8,
+    quantize_fp8,
+    quantize_tensor,
+)
+
+SHAPES = [(128, 128), (256, 384), (200, 70), (1, 300), (257, 129)]
+
+
+def _weight(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    return w.bfloat16().float()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantized_weights_are_within_e4m3_rounding(shape):
+    w = _weight(shape)
+    q, scale = quantize_fp8(w)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape
+    blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
+    assert scale.dtype == torch.float32 and tuple(scale.shape) == blocks
+    per_element = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+    # e4m3: 3 mantissa bits (half-ulp 2^-4 relative) down to 2^-6, subnormal steps of 2^-9 below.
+    bound = torch.maximum(w.abs() * 2**-4, per_element * 2**-10)
+    assert ((dequantize_fp8(q, scale) - w).abs() <= bound).all()
+    # Every block's largest magnitude lands on e4m3's largest value, exactly.
+    assert q.float().abs().max() == FP8_MAX
+
+
+def test_zero_blocks_and_per_channel_scales():
+    w = _weight((130, 260))
+    w[:128, :128] = 0
+    q, scale = quantize_fp8(w)
+    assert scale[0, 0] == 1 and (q[:128, :128].float() == 0).all()
+    w[:128, :128] = 0.01
+    q, scale = quantize_fp8(w, block=(1, 260))
+    assert scale.shape == (130, 1)
+    assert torch.equal(scale[:, 0], w.abs().amax(dim=1) / FP8_MAX)
+    back = dequantize_fp8(q, scale, block=(1, 260))
+    assert ((back - w).abs() <= w.abs() * 2**-4 + scale * 2**-10).all()
+    with pytest.raises(ValueError, match="does not tile"):
+        dequantize_fp8(q, scale)
+
+
+def test_matches_model_optimizer_fp8_reference_bit_for_bit():
+    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor")
+    for shape in SHAPES:
+        w = _weight(shape, seed=1)
+        q, scale = quantize_fp8(w)
+        ref, ref_scale = qtensor.FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})
+        assert torch.equal(scale, ref_scale), shape
+        assert torch.equal(q.view(torch.uint8), ref._quantized_data.view(torch.uint8)), shape
+        back = ref.dequantize(torch.float32, scale=ref_scale, block_sizes={-1: 128, -2: 128})
+        assert torch.equal(dequantize_fp8(q, scale), back), shape
+
+
+def test_only_decoder_linear_weights_are_quantized():
+    linear = _weight((64, 32))
+    names = {
+        "model.embed_tokens.weight": linear,
+        "lm_head.weight": linear,
+        "model.norm.weight": linear[0],
+        "model.layers.0.input_layernorm.weight": linear[0],
+        "model.layers.0.self_attn.q_proj.bias": linear[0],
+        "model.layers.0.self_attn.q_proj.weight": linear,
+    }
+    out = {n: t for name, tensor in names.items() for n, t in quantize_tensor(name, tensor)}
+    assert out.keys() == names.keys() | {"model.layers.0.self_attn.q_proj.weight_scale_inv"}
+    assert [n for n, t in out.items() if t.dtype == FP8_DTYPE] == [
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
+
+
+def test_dequantize_bucket_pairs_weights_with_scales():
+    w = _weight((40, 50))
+    bucket = [("norm", w[0]), *quantize_tensor("model.layers.1.mlp.up_proj.weight", w)]
+    out = dict(dequantize_bucket(list(reversed(bucket)), torch.float32))
+    assert out.keys() == {"norm", "model.layers.1.mlp.up_proj.weight"}
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], dequantize_fp8(*quantize_fp8(w)))
+    with pytest.raises(ValueError, match="without model.layers.1.mlp.up_proj.weight_scale_inv"):
+        dequantize_bucket(bucket[:2], torch.float32)
+    with pytest.raises(ValueError, match="scales without their weights"):
+        dequantize_bucket([bucket[0], bucket[2]], torch.float32)
