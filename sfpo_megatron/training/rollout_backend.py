@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class EmbeddedBackend:
     def __init__(self, cfg: Config, arch: ModelArch, device: torch.device) -> None:
         self.arch, self.engine = arch, None
+        self.weight_format = cfg.rollout.weight_format
         if dist.get_rank() == 0:
             self.engine = EmbeddedEngine(
                 hf_directory(cfg.model.hf_config),
@@ -52,7 +53,7 @@ class EmbeddedBackend:
             )
 
     def sync(self, chunks: list, version: int) -> None:
-        sync_in_process(chunks, self.arch, self.engine, version)
+        sync_in_process(chunks, self.arch, self.engine, version, weight_format=self.weight_format)
         if self.engine is not None:
             self.engine.resume_memory()
 
@@ -85,6 +86,7 @@ class ServersBackend:
             "nccl" if torch.cuda.is_available() else "gloo",
             r.server_tp,
             timeout_s=cfg.parallel.timeout_s,
+            weight_format=r.weight_format,
         )
         self.push.connect()
 
@@ -119,7 +121,7 @@ class ColocatedBackend:
         clients = [SGLangClient(u, r.request_timeout_s) for u in urls if u is not None]
         if rank == 0:
             self.engine = ServerPool(clients)
-        self.push = ColocatedSync(clients, r.server_tp)
+        self.push = ColocatedSync(clients, r.server_tp, weight_format=r.weight_format)
 
     def sync(self, chunks: list, version: int) -> None:
         self.push.push(chunks, self.arch, version)
