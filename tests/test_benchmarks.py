@@ -145,12 +145,10 @@ def test_bench_weight_sync_tiny_cpu():
     out = run_script("bench_weight_sync.py", *args, "--weight-format", "fp8")
     lines = out.splitlines()
     elements = int(re.search(r"([\d,]+) params, fp32 = ", out).group(1).replace(",", ""))
-    full, fp8, ratio = map(
-        float, re.search(r"fp32 (\S+) MiB, fp8 (\S+) MiB \((\S+)x\)", out).groups()
-    )
-    # Linear weights (all but the 300 x 128 embedding and lm_head, and the small norms and
-    # biases) shrink 4x from fp32; one fp32 scale per 128 x 128 block.
-    assert 0.3 < ratio < 0.4 and fp8 == pytest.approx(full * ratio, rel=0.02)
+    ratio = float(re.search(r"fp32 \S+ MiB, fp8 \S+ MiB \((\S+)x\)", out).group(1))
+    # Linear weights (all but the 300 x 128 embedding and lm_head, the norms and biases) shrink
+    # 4x from fp32, plus one fp32 scale per 128 x 128 block.
+    assert 0.3 < ratio < 0.4
     rows = lines[lines.index(next(line for line in lines if line.startswith("transport"))) + 1 :]
     transports = [
         "in-process (embedded engine)",
