@@ -4,11 +4,14 @@ reference, the export bucket pairing, and the embedded engine fed fp8 weights.""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from sglang_schema import validate_request
 from test_embedded_engine import export_buckets, reference_logprobs
 
+from sfpo_megatron.hf.export import write_served_fp8_model
 from sfpo_megatron.hf.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -17,8 +20,11 @@ from sfpo_megatron.hf.fp8 import (
     quantize_fp8,
     quantize_tensor,
 )
+from sfpo_megatron.protocol.flat_bucket import flatten, total_bytes
 from sfpo_megatron.rollout import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.launcher import sglang_command
+from sfpo_megatron.rollout.sglang_client import SGLangClient
 
 from conftest import save_random_hf_model
 
@@ -134,3 +140,69 @@ def test_embedded_engine_on_fp8_weights(tmp_path):
     assert torch.cat(to_dequantized).abs().max() < 1e-4
     gap = torch.cat(to_exact).abs()
     assert 0 < gap.max() < FP8_LOGPROB_BOUND and gap.mean() < FP8_LOGPROB_BOUND / 2
+
+
+# --- SGLang: the fp8 payloads and the served model -------------------------------------------
+
+QWEN2_LAYER = {  # a Qwen2 layer of hidden 160, 4 heads / 2 KV heads of 40, MLP 288
+    "model.embed_tokens.weight": (300, 160),
+    "model.layers.0.input_layernorm.weight": (160,),
+    "model.layers.0.self_attn.q_proj.weight": (160, 160),
+    "model.layers.0.self_attn.q_proj.bias": (160,),
+    "model.layers.0.self_attn.k_proj.weight": (80, 160),
+    "model.layers.0.self_attn.o_proj.weight": (160, 160),
+    "model.layers.0.mlp.gate_proj.weight": (288, 160),
+    "model.layers.0.mlp.down_proj.weight": (160, 288),
+    "model.norm.weight": (160,),
+    "lm_head.weight": (300, 160),
+}
+
+
+def test_fp8_bucket_payload_fits_sglang_0_5_23_and_its_block_loader(monkeypatch):
+    bucket = [
+        item
+        for name, shape in QWEN2_LAYER.items()
+        for item in quantize_tensor(name, torch.randn(shape).bfloat16())
+    ]
+    flat = flatten(bucket)
+    sent = {}
+    monkeypatch.setattr(
+        SGLangClient, "_control", lambda self, path, body: sent.update({path: body})
+    )
+    client = SGLangClient("http://127.0.0.1:1", 1.0)
+    client.update_weights_from_distributed(flat.names, flat.dtypes, flat.shapes, "sfpo_pp0", "1")
+    payload = sent["/update_weights_from_distributed"]
+    validate_request("/update_weights_from_distributed", payload)
+    assert total_bytes(payload["dtypes"], payload["shapes"]) == flat.buffer.numel()  # aligned
+    layout = zip(payload["dtypes"], payload["shapes"], strict=True)
+    meta = dict(zip(payload["names"], layout, strict=True))
+    # What sglang's Fp8LinearMethod (block quant) creates: an e4m3 weight, a float32
+    # weight_scale_inv of [ceil(out / 128), ceil(in / 128)]; the rest stays bf16, unscaled.
+    for name, shape in QWEN2_LAYER.items():
+        scale = meta.get(name + "_scale_inv")
+        if name.startswith("model.layers.") and len(shape) == 2:
+            assert meta[name] == ("float8_e4m3fn", list(shape))
+            assert scale == ("float32", [-(-shape[0] // 128), -(-shape[1] // 128)])
+        else:
+            assert meta[name] == ("bfloat16", list(shape)) and scale is None
+    assert len(meta) == len(QWEN2_LAYER) + 5
+
+
+def test_served_fp8_model_and_launch_flags(tmp_path):
+    save_random_hf_model(tmp_path / "src", "qwen2")
+    served = write_served_fp8_model(tmp_path / "src", tmp_path / "served")
+    config = json.loads((served / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    source = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == source
+    assert (served / "tokenizer_config.json").is_file()
+    assert not list(served.glob("*.safetensors"))
+    command = sglang_command(str(served), 30001, weight_format="fp8")
+    assert command[command.index("--quantization") + 1] == "fp8"
+    assert command[command.index("--load-format") + 1] == "dummy"
+    assert "--quantization" not in sglang_command(str(served), 30001)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from sfpo_megatron.common.log import EVERY_RANK
 from sfpo_megatron.config import Config
+from sfpo_megatron.hf.export import write_served_fp8_model
 from sfpo_megatron.launch.parallel import free_port
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.models.gpt import DTYPES
@@ -164,7 +165,12 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
         first = torch.cuda.current_device()
         gpus = list(range(first, first + r.server_tp))
     if r.server == "sglang":
-        command = sglang_command(model, port, r.server_tp, host, memory_saver=True)
+        if r.weight_format == "fp8":
+            served = Path(cfg.logging.output_dir) / f"rollout_server{engine}_model"
+            model = str(write_served_fp8_model(model, served))
+        command = sglang_command(
+            model, port, r.server_tp, host, memory_saver=True, weight_format=r.weight_format
+        )
     else:
         device = "cuda" if gpus else "cpu"
         command = [
