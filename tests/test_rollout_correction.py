@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_trainer import stable_metrics, train
 
 from sfpo_megatron.common.errors import ConfigError
 from sfpo_megatron.config import AlgorithmConfig
@@ -100,3 +101,26 @@ def test_mis_weights_remove_the_policy_gradient_of_masked_tokens():
 def test_c_must_exceed_one():
     with pytest.raises(ConfigError, match="algorithm.rollout_correction_c"):
         AlgorithmConfig(rollout_correction="tis", rollout_correction_c=1.0).validate()
+
+
+def test_fp8_rollouts_with_tis_train_end_to_end(tmp_path):
+    """The embedded engine samples from fp8 weights; the gap to the actor is now real, and TIS
+    weights it in every SFPO pass."""
+    train(
+        tmp_path,
+        ranks=1,
+        **{
+            "train.iterations": 2,
+            "eval.interval": 0,
+            "checkpoint.dir": "null",
+            "checkpoint.interval": 0,
+            "checkpoint.export_hf_dir": "null",
+            "rollout.weight_format": "fp8",
+            "algorithm.rollout_correction": "tis",
+            "algorithm.rollout_correction_c": 1.002,
+        },
+    )
+    for row in stable_metrics(tmp_path).values():
+        assert 1e-4 < row["rollout_logprob_gap"] <= row["rollout_logprob_gap_max"] < 1.0, row
+        assert 0 < row["rollout_truncated_frac"] < 1, row
+        assert 0 < row["rollout_weight_mean"] < 1.002, row
