@@ -10,6 +10,7 @@ import pytest
 import torch
 from sglang_schema import validate_request
 from test_embedded_engine import export_buckets, reference_logprobs
+from test_modelopt_export import SHAPES, random_weight
 
 from sfpo_megatron.hf.export import write_served_fp8_model
 from sfpo_megatron.hf.fp8 import (
@@ -28,18 +29,10 @@ from sfpo_megatron.rollout.sglang_client import SGLangClient
 
 from conftest import save_random_hf_model
 
-SHAPES = [(128, 128), (256, 384), (200, 70), (1, 300), (257, 129)]
-
-
-def _weight(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g) * 0.05
-    return w.bfloat16().float()
-
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dequantized_weights_are_within_e4m3_rounding(shape):
-    w = _weight(shape)
+    w = random_weight(shape)
     q, scale = quantize_fp8(w)
     assert q.dtype == FP8_DTYPE and q.shape == w.shape
     blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
@@ -53,7 +46,7 @@ def test_dequantized_weights_are_within_e4m3_rounding(shape):
 
 
 def test_zero_blocks_and_per_channel_scales():
-    w = _weight((130, 260))
+    w = random_weight((130, 260))
     w[:128, :128] = 0
     q, scale = quantize_fp8(w)
     assert scale[0, 0] == 1 and (q[:128, :128].float() == 0).all()
@@ -67,20 +60,8 @@ def test_zero_blocks_and_per_channel_scales():
         dequantize_fp8(q, scale)
 
 
-def test_matches_model_optimizer_fp8_reference_bit_for_bit():
-    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor")
-    for shape in SHAPES:
-        w = _weight(shape, seed=1)
-        q, scale = quantize_fp8(w)
-        ref, ref_scale = qtensor.FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})
-        assert torch.equal(scale, ref_scale), shape
-        assert torch.equal(q.view(torch.uint8), ref._quantized_data.view(torch.uint8)), shape
-        back = ref.dequantize(torch.float32, scale=ref_scale, block_sizes={-1: 128, -2: 128})
-        assert torch.equal(dequantize_fp8(q, scale), back), shape
-
-
 def test_only_decoder_linear_weights_are_quantized():
-    linear = _weight((64, 32))
+    linear = random_weight((64, 32))
     names = {
         "model.embed_tokens.weight": linear,
         "lm_head.weight": linear,
@@ -97,7 +78,7 @@ def test_only_decoder_linear_weights_are_quantized():
 
 
 def test_dequantize_bucket_pairs_weights_with_scales():
-    w = _weight((40, 50))
+    w = random_weight((40, 50))
     bucket = [("norm", w[0]), *quantize_tensor("model.layers.1.mlp.up_proj.weight", w)]
     out = dict(dequantize_bucket(list(reversed(bucket)), torch.float32))
     assert out.keys() == {"norm", "model.layers.1.mlp.up_proj.weight"}
