@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from safetensors.torch import load_file
 from sfpo_megatron.hf.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 from sfpo_megatron.tools.modelopt_export import quantize_checkpoint
 
-from conftest import save_random_hf_model
+from conftest import REPO, save_random_hf_model
 
 HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
 SHAPES = [(128, 128), (256, 384), (200, 70), (1, 300), (257, 129)]
@@ -72,3 +75,25 @@ def test_export_cli_without_modelopt_names_the_extra(tmp_path):
     proc = export_cli(tmp_path / "model", tmp_path / "out", "--quantize", "fp8")
     assert proc.returncode == 2 and "pip install '.[fp8]'" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.skipif(not HAS_MODELOPT, reason="nvidia-modelopt is not installed (.[fp8])")
+def test_export_cli_quantize_fp8_of_the_demo(tmp_path):
+    """Through Megatron and back, then Model Optimizer, calibrated on the demo's prompts (its
+    config.json names no architecture: the export needs one)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "sfpo_megatron.cli", "export-hf"]
+    command += [
+        str(REPO / "examples/configs/demo.yaml"),
+        str(tmp_path / "out"),
+        "--quantize",
+        "fp8",
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging removed
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "FP8"
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert exported["model.layers.0.mlp.down_proj.weight"].dtype == FP8_DTYPE
+    assert (tmp_path / "out" / "tokenizer.json").is_file()

@@ -56,6 +56,8 @@ def quantize_checkpoint(source: Path, out: Path, prompts: list[list[int]]) -> No
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
+    # The export reads the architecture list, which a config written by hand may lack.
+    model.config.architectures = model.config.architectures or [type(model).__name__]
 
     def calibrate(module: torch.nn.Module) -> None:
         with torch.no_grad():
