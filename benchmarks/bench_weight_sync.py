@@ -49,13 +49,17 @@ def copy_seconds(nbytes: int, repeats: int) -> float:
     return timed(lambda: target.copy_(source), repeats, warmup=1)
 
 
-def stream_bytes(actor, arch, weight_format: str) -> int:
-    """Bytes of tensors one sync sends in ``weight_format``."""
-    return sum(
-        t.numel() * t.element_size()
-        for bucket in export_stream(actor.chunks, arch, weight_format=weight_format)
-        for _, t in bucket
-    )
+def stream_bytes(actor, arch, weight_format: str) -> tuple[int, int]:
+    """Bytes one sync sends in ``weight_format``: all tensors, and the decoder linear weights
+    (with their fp8 scales) alone."""
+    total = linear = 0
+    for bucket in export_stream(actor.chunks, arch, weight_format=weight_format):
+        for name, tensor in bucket:
+            nbytes = tensor.numel() * tensor.element_size()
+            total += nbytes
+            if name.startswith("model.layers.") and tensor.dim() == 2:
+                linear += nbytes
+    return total, linear
 
 
 def in_process_seconds(actor, arch, directory: Path, dtype, version, args, fmt: str) -> float:
@@ -183,13 +187,15 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}")
     print(f"model: Qwen2 shape, {elements:,} params, {dtype} = {nbytes / 2**20:.1f} MiB")
     if "fp8" in sent:
+        (full, full_linear), (fp8, fp8_linear) = sent["bf16"], sent["fp8"]
         print(
-            f"bytes/sync: {dtype} {sent['bf16'] / 2**20:.1f} MiB, fp8 {sent['fp8'] / 2**20:.1f} "
-            f"MiB ({sent['fp8'] / sent['bf16']:.3f}x)"
+            f"bytes/sync: {dtype} {full / 2**20:.1f} MiB, fp8 {fp8 / 2**20:.1f} MiB "
+            f"({fp8 / full:.3f}x); linear weights {full_linear / 2**20:.1f} -> "
+            f"{fp8_linear / 2**20:.1f} MiB ({fp8_linear / full_linear:.3f}x)"
         )
     print(f"{'transport':52s} {'s/sync':>9s} {'GB/s':>7s}")
     for label, seconds in rows:
-        moved = sent["fp8"] if label.endswith(", fp8") else nbytes
+        moved = sent["fp8"][0] if label.endswith(", fp8") else nbytes
         print(f"{label:52s} {seconds:9.4g} {moved / seconds / 1e9:7.3g}")
 
 
