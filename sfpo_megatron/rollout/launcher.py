@@ -36,7 +36,7 @@ def sglang_command(
     """``python -m sglang.launch_server`` for one rollout GPU group. The trainer sends token
     ids, so the server skips its tokenizer; ``memory_saver`` allows releasing its memory
     while the colocated trainer trains. ``weight_format="fp8"``: fp8 block weights (the
-    model directory of :func:`~sfpo_megatron.hf.fp8.write_served_fp8_model`), no checkpoint
+    model directory of :func:`~sfpo_megatron.hf.export.write_served_fp8_model`), no checkpoint
     read at start."""
     command = [
         sys.executable,
