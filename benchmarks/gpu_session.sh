@@ -12,7 +12,7 @@
 # Steps: build (CUDA extension + the CUDA-only tests), reposition (fused ops vs copy), generate
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
 # peak memory vs plan), iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
-# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy),
+# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy; bf16 and fp8),
 # sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
 # The machine needs megatron-core; without network access carry its wheel (and only it: torch,
@@ -73,7 +73,7 @@ iteration() {
 }
 
 weight_sync() {
-    python3 benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936
+    python3 benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936 --weight-format fp8
 }
 
 sfpo() {
