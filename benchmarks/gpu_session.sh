@@ -12,7 +12,8 @@
 # Steps: build (CUDA extension + the CUDA-only tests), reposition (fused ops vs copy), generate
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
 # peak memory vs plan), iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
-# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy; bf16 and fp8),
+# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy,
+# bf16 and fp8 rollout weights),
 # sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
 # The machine needs megatron-core; without network access carry its wheel (and only it: torch,
