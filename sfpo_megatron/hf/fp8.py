@@ -87,10 +87,13 @@ def quantize_tensor(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Te
 
 
 def dequantize_bucket(
-    bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype
+    bucket: list[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """A bucket with every fp8 weight (and its scale, which travels in the same bucket)
-    replaced by the weight in ``dtype``; other tensors pass through."""
+    replaced by the weight in ``dtype``, dequantized on ``device`` (None: where it is, so only
+    fp8 bytes cross to the engine's device); other tensors pass through."""
     scales = {name: t for name, t in bucket if name.endswith(SCALE_SUFFIX)}
     out = []
     for name, tensor in bucket:
@@ -100,7 +103,7 @@ def dequantize_bucket(
             scale = scales.get(scale_name(name))
             if scale is None:
                 raise ValueError(f"fp8 weight {name} arrived without {scale_name(name)}")
-            tensor = dequantize_fp8(tensor, scale, dtype)
+            tensor = dequantize_fp8(tensor.to(device), scale.to(device), dtype)
         out.append((name, tensor))
     orphans = sorted(n for n in scales if n.removesuffix(SCALE_SUFFIX) not in dict(bucket))
     if orphans:

@@ -61,7 +61,7 @@ class EmbeddedEngine:
         seen: set[str] = set()
         with torch.no_grad():
             for bucket in buckets:
-                bucket = dequantize_bucket(bucket, torch.float32)
+                bucket = dequantize_bucket(bucket, torch.float32, self.device)
                 self._check_bucket(bucket, seen)
                 for name, tensor in bucket:
                     self.weights.views[name].copy_(tensor)
