@@ -23,7 +23,7 @@ QUANTIZATION_CONFIG = {
 """What a served config.json says so that SGLang loads the weights as fp8 blocks."""
 
 
-def quantized_name(name: str, tensor: torch.Tensor) -> bool:
+def is_fp8_weight(name: str, tensor: torch.Tensor) -> bool:
     """Whether ``name`` is a linear weight of a decoder layer (the weights fp8 covers)."""
     return name.startswith("model.layers.") and name.endswith(".weight") and tensor.dim() == 2
 
@@ -80,7 +80,7 @@ def dequantize_fp8(
 def quantize_tensor(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """One export-stream tensor as fp8 rollout weights: the weight and its scale, or the
     tensor unchanged where fp8 does not apply."""
-    if not quantized_name(name, tensor):
+    if not is_fp8_weight(name, tensor):
         return [(name, tensor)]
     quantized, scale = quantize_fp8(tensor)
     return [(name, quantized), (scale_name(name), scale)]
