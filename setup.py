@@ -161,6 +161,8 @@ setup(
         "parquet": ["pyarrow>=14,<27"],
         "plot": ["matplotlib>=3.8,<4"],
         "sglang": ["sglang==0.5.23"],
+        # Model Optimizer 0.47 imports requests without declaring it.
+        "fp8": ["nvidia-modelopt>=0.47,<0.48", "requests>=2,<3"],
     },
     entry_points={"console_scripts": ["sfpo-megatron = sfpo_megatron.cli:main"]},
     ext_modules=ext_modules,

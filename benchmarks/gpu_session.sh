@@ -13,7 +13,8 @@
 # (embedded engine, 0.5B shape, CUDA graphs vs eager), actor (training step, % of GEMM peak,
 # peak memory vs plan), packing (packed vs padded micro-batches, 1.5B shape, 8k responses),
 # iteration (one SFPO and one GRPO iteration of a 0.5B model by phase),
-# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy),
+# weight_sync (weight sync of the 1.5B shape: in process, NCCL broadcast, CUDA IPC, vs a d2d copy,
+# bf16 and fp8 rollout weights),
 # sfpo (SFPO vs GRPO on the demo task, 3 seeds).
 #
 # The machine needs megatron-core; without network access carry its wheel (and only it: torch,
@@ -78,7 +79,7 @@ iteration() {
 }
 
 weight_sync() {
-    python3 benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936
+    python3 benchmarks/bench_weight_sync.py --hidden 1536 --layers 28 --vocab 151936 --weight-format fp8
 }
 
 sfpo() {

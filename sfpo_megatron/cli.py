@@ -1,7 +1,8 @@
 """Command line (plain python for one process, torchrun or srun for many):
 
 sfpo-megatron train CONFIG.yaml [key.sub=value ...]
-sfpo-megatron export-hf CONFIG.yaml OUT_DIR [--dtype fp32|bf16|fp16] [key.sub=value ...]
+sfpo-megatron export-hf CONFIG.yaml OUT_DIR [--dtype fp32|bf16|fp16] [--quantize fp8]
+                        [key.sub=value ...]
 sfpo-megatron plot RUN_DIR [RUN_DIR ...] [--out DIR] [--x iteration|rollouts]
 """
 
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--dtype",
                 choices=["fp32", "bf16", "fp16"],
                 help="dtype written (default: the source checkpoint's; model.dtype is not used)",
+            )
+            command.add_argument(
+                "--quantize",
+                choices=["fp8"],
+                help="fp8: Model Optimizer's FP8 recipe and HF export (pip install '.[fp8]'; "
+                "SGLang serves it with --quantization modelopt_fp8)",
             )
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     from sfpo_megatron.tools import plan_cli
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             train(cfg)
         else:
-            export_hf(cfg, args.out, args.dtype)
+            export_hf(cfg, args.out, args.dtype, args.quantize)
     except StopRequested:
         return EXIT_STATUS
     except RewardFailure as error:  # found while running: not a config error

@@ -49,6 +49,10 @@ class RolloutConfig:
     together are decoded in successive groups."""
     cuda_graphs: bool = True
     """Embedded engine on CUDA: replay each decode step as a captured CUDA graph."""
+    weight_format: Literal["bf16", "fp8"] = "bf16"
+    """Weights the rollout engines get: ``bf16`` = the model's own dtype; ``fp8`` = every
+    decoder linear weight as e4m3 with 128x128 block scales (SGLang's ``fp8`` format, served
+    with ``--quantization fp8``); embeddings, lm_head and norms stay in the model's dtype."""
 
     def validate(self) -> None:
         above("rollout.temperature", self.temperature, 0)

@@ -138,9 +138,18 @@ class AlgorithmConfig:
     """Weight of the entropy bonus subtracted from the loss; 0 = none."""
     kl_coef: float = 0.0
     """KL-to-reference weight (low-variance k3 estimator); 0 needs no reference model."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Train-inference mismatch correction of the policy-gradient term, from the ratio
+    pi_old / pi_rollout: ``tis`` weights each token by min(ratio, C); ``mis`` drops the tokens
+    (or sequences) whose ratio lies outside [1/C, C] from the policy gradient."""
+    rollout_correction_c: float = 2.0
+    """C of ``rollout_correction`` (> 1; ``.inf``: TIS is plain importance sampling)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """``mis``: judge each token's ratio, or each sequence's (the product over its tokens)."""
     sfpo: SFPOConfig = field(default_factory=SFPOConfig)
 
     def validate(self) -> None:
+        above("algorithm.rollout_correction_c", self.rollout_correction_c, 1)
         within("algorithm.clip_eps_low", self.clip_eps_low, 0, 1, open_high=True)
         require(
             self.clip_eps_high >= self.clip_eps_low,

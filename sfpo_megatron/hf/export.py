@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sfpo_megatron.hf.fp8 import QUANTIZATION_CONFIG, quantize_tensor
 from sfpo_megatron.hf.load import INDEX, HFCheckpoint
 from sfpo_megatron.hf.mapping import rules, split
 from sfpo_megatron.models.arch import ModelArch
@@ -67,11 +68,15 @@ def stage_leader() -> bool:
 
 
 def export_stream(
-    chunks: list, arch: ModelArch, bucket_mb: float = SYNC_BUCKET_MB
+    chunks: list, arch: ModelArch, bucket_mb: float = SYNC_BUCKET_MB, weight_format: str = "bf16"
 ) -> Iterator[Bucket]:
     """This pipeline stage's tensors under HF names, whole (TP gathered, QKV and fc1 split,
     vocabulary padding removed), in buckets of at most ``bucket_mb`` (a larger tensor is a
-    bucket of its own). A collective over the TP group: every TP rank must iterate it."""
+    bucket of its own). A collective over the TP group: every TP rank must iterate it.
+
+    ``weight_format="fp8"``: each linear weight is quantized on its device as it comes
+    (:mod:`~sfpo_megatron.hf.fp8`) and travels with its scale in one bucket; "bf16": the
+    model's own dtype."""
     sync_params(chunks)
     limit = bucket_mb * 2**20
     by_name = {rule.megatron: rule for rule in rules(arch)}
@@ -86,11 +91,14 @@ def export_stream(
         for hf_name, tensor in zip(
             rule.hf, split(rule, full, arch.head_dim, heads_per_group), strict=True
         ):
-            nbytes = tensor.numel() * tensor.element_size()
+            parts = (
+                quantize_tensor(hf_name, tensor) if weight_format == "fp8" else [(hf_name, tensor)]
+            )
+            nbytes = sum(t.numel() * t.element_size() for _, t in parts)
             if bucket and size + nbytes > limit:
                 yield bucket
                 bucket, size = [], 0
-            bucket.append((hf_name, tensor.contiguous().cpu()))
+            bucket.extend((name, t.contiguous().cpu()) for name, t in parts)
             size += nbytes
     if bucket:
         yield bucket
@@ -152,13 +160,32 @@ def _finish(partial: Path, source: Path, out: Path, dtype: torch.dtype) -> None:
     for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
         config[key] = str(dtype).removeprefix("torch.")
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    _copy_non_weight_files(source, partial)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+
+
+def _copy_non_weight_files(source: Path, out: Path) -> None:
+    """Tokenizer, generation config and the like: every file but weights and config.json."""
     for path in source.iterdir():
         if (
             path.is_file()
             and path.name != "config.json"
             and not path.name.endswith(WEIGHT_SUFFIXES)
         ):
-            shutil.copy2(path, partial / path.name)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+            shutil.copy2(path, out / path.name)
+
+
+def write_served_fp8_model(source: str | Path, out: str | Path) -> Path:
+    """A model directory for an fp8 SGLang server: ``source``'s config.json with the fp8
+    block :data:`~sfpo_megatron.hf.fp8.QUANTIZATION_CONFIG` and its other non-weight files.
+    No weights: the server starts with ``--load-format dummy`` and gets every weight from
+    the first sync."""
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_non_weight_files(source, out)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = QUANTIZATION_CONFIG
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out

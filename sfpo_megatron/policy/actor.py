@@ -239,6 +239,7 @@ class Actor:
                 entropy,
                 self.cfg.algorithm,
                 mb.get("ref_logprobs"),
+                mb.get("rollout_weights"),
             )
             mask = mb["mask"]
             tokens = mask.sum()

@@ -21,6 +21,8 @@ class PolicyBatch:
     """[N]: one advantage per sequence, broadcast to its response tokens."""
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    rollout_weights: torch.Tensor | None = None
+    """Rollout-correction weights of the policy-gradient term (``algorithm.rollout_correction``)."""
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:

@@ -87,17 +87,21 @@ def grpo_token_loss(
     entropy: torch.Tensor,
     cfg: AlgorithmConfig,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss ``max(-A r, -A clip(r, 1-eps_low, 1+eps_high)) - c_H H (+ beta KL)``.
+    """Per-token loss ``w max(-A r, -A clip(r, 1-eps_low, 1+eps_high)) - c_H H (+ beta KL)``.
 
-    All arguments share one shape; the caller masks and aggregates (token-mean). Returns the
-    loss and the per-token statistics named in :data:`LOSS_STATS` (detached).
+    All arguments share one shape; the caller masks and aggregates (token-mean). ``w`` is the
+    rollout-correction weight of :mod:`~sfpo_megatron.policy.rollout_correction` (None: 1).
+    Returns the loss and the per-token statistics named in :data:`LOSS_STATS` (detached).
     """
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
     pg = torch.maximum(unclipped, clipped)
+    if rollout_weights is not None:
+        pg = rollout_weights * pg
     loss = pg - cfg.entropy_coef * entropy
     ref_kl = torch.zeros_like(loss)
     if cfg.kl_coef > 0:

@@ -20,7 +20,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from sfpo_megatron.policy.batch import PolicyBatch
 
-PER_TOKEN_FIELDS = ("old_logprobs", "ref_logprobs")
+PER_TOKEN_FIELDS = ("old_logprobs", "ref_logprobs", "rollout_weights")
 """Per-token inputs of the loss besides tokens and mask, shifted like the targets."""
 
 

@@ -11,6 +11,7 @@ import torch
 
 from sfpo_megatron.common.samples import NO_WEIGHTS, Bucket, Sample, SamplingParams
 from sfpo_megatron.config import RolloutConfig
+from sfpo_megatron.hf.fp8 import dequantize_bucket
 from sfpo_megatron.models.arch import read_hf_config
 from sfpo_megatron.rollout.decoder import EngineWeights, StaticDecoder
 
@@ -49,7 +50,9 @@ class EmbeddedEngine:
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         """Copy every parameter from ``buckets``, each exactly once, then take ``version``.
         Until it succeeds the engine refuses to sample (a failure leaves weights half-new).
-        Released memory is taken back first (without restoring what every tensor replaces)."""
+        Released memory is taken back first (without restoring what every tensor replaces).
+        fp8 weights (with their ``weight_scale_inv``) are dequantized and kept in the engine's
+        dtype: the CPU path; no fp8 GEMMs here yet."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"weight version must be an int >= 0, got {version!r}")
         self._version = NO_WEIGHTS
@@ -58,6 +61,7 @@ class EmbeddedEngine:
         seen: set[str] = set()
         with torch.no_grad():
             for bucket in buckets:
+                bucket = dequantize_bucket(bucket, torch.float32, self.device)
                 self._check_bucket(bucket, seen)
                 for name, tensor in bucket:
                     self.weights.views[name].copy_(tensor)

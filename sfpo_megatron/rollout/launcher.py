@@ -31,10 +31,13 @@ def sglang_command(
     host: str = "127.0.0.1",
     memory_saver: bool = False,
     extra: tuple[str, ...] = (),
+    weight_format: str = "bf16",
 ) -> list[str]:
     """``python -m sglang.launch_server`` for one rollout GPU group. The trainer sends token
     ids, so the server skips its tokenizer; ``memory_saver`` allows releasing its memory
-    while the colocated trainer trains."""
+    while the colocated trainer trains. ``weight_format="fp8"``: fp8 block weights (the
+    model directory of :func:`~sfpo_megatron.hf.export.write_served_fp8_model`), no checkpoint
+    read at start."""
     command = [
         sys.executable,
         "-m",
@@ -51,6 +54,8 @@ def sglang_command(
     ]
     if memory_saver:
         command.append("--enable-memory-saver")
+    if weight_format == "fp8":
+        command += ["--quantization", "fp8", "--load-format", "dummy"]
     return command + list(extra)
 
 

@@ -80,10 +80,12 @@ class DistributedSync:
         bucket_mb: float = SYNC_BUCKET_MB,
         *,
         timeout_s: float,
+        weight_format: str = "bf16",
     ) -> None:
         self.clients, self.master_address, self.base_port = clients, master_address, base_port
         self.backend, self.engine_ranks = backend, engine_ranks
         self.bucket_mb, self.timeout_s = bucket_mb, timeout_s
+        self.weight_format = weight_format
         self.groups: list = []
         self.buckets_sent = 0
         self.pool = ThreadPoolExecutor(max(1, len(clients)))
@@ -129,7 +131,9 @@ class DistributedSync:
     def push(self, chunks: list, arch: ModelArch, version: int) -> None:
         """Send this model to every server as ``version``; raises if a server disagrees."""
         with update_session(self.clients, version):
-            for bucket, last in with_last(export_stream(chunks, arch, self.bucket_mb)):
+            for bucket, last in with_last(
+                export_stream(chunks, arch, self.bucket_mb, self.weight_format)
+            ):
                 if self.sender:
                     self._send(bucket, str(version) if last else None)
 

@@ -45,6 +45,7 @@ class ColocatedSync:
         engine_tp: int = 1,
         bucket_mb: float = SYNC_BUCKET_MB,
         device: torch.device | None = None,
+        weight_format: str = "bf16",
     ) -> None:
         world, rank = dist.get_world_size(), dist.get_rank()
         if engine_tp < 1 or len(clients) * engine_tp != world:
@@ -54,6 +55,7 @@ class ColocatedSync:
                 f"e * engine_tp + j)"
             )
         self.clients, self.engine_tp, self.bucket_mb = clients, engine_tp, bucket_mb
+        self.weight_format = weight_format
         self.engine, self.leader = rank // engine_tp, rank % engine_tp == 0
         cuda = torch.cuda.is_available()
         self.device = device or torch.device(
@@ -87,7 +89,11 @@ class ColocatedSync:
         with update_session(self.clients, version):
             for stage in range(stages):
                 own = stage == stage_rank
-                stream = with_last(export_stream(chunks, arch, self.bucket_mb)) if own else None
+                stream = (
+                    with_last(export_stream(chunks, arch, self.bucket_mb, self.weight_format))
+                    if own
+                    else None
+                )
                 while (bucket := self._next_bucket(stream, stage, stages)) is not None:
                     self._post(*bucket, version)
                     del bucket  # every server has its copy: hand the memory back

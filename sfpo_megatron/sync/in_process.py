@@ -30,13 +30,14 @@ def sync_in_process(
     engine: RolloutEngine | None,
     version: int,
     bucket_mb: float = SYNC_BUCKET_MB,
+    weight_format: str = "bf16",
 ) -> None:
     """Collective over all ranks; ``engine`` is used on global rank 0 only (None elsewhere)."""
     rank = dist.get_rank()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     senders = _stage_senders()
     collected: list[Bucket] = []
-    for bucket in export_stream(chunks, arch, bucket_mb):
+    for bucket in export_stream(chunks, arch, bucket_mb, weight_format):
         if rank == 0:
             collected.append(bucket)
         elif stage > 0 and rank == senders[stage]:

@@ -13,6 +13,7 @@ from sfpo_megatron.algorithms.experience import ScoredGroups, policy_batch, sele
 from sfpo_megatron.config import Config
 from sfpo_megatron.data.rewards import check_error_fraction
 from sfpo_megatron.launch.parallel import shutdown
+from sfpo_megatron.policy.rollout_correction import correction_weights
 from sfpo_megatron.rollout.scoring import solved
 from sfpo_megatron.training.build import Run, build_run
 from sfpo_megatron.training.hooks import after_iteration, finish, stop_early
@@ -52,8 +53,9 @@ def rl_iteration(run: Run, iteration: int) -> dict[str, float]:
     clock = time.perf_counter()
     old_logprobs, _ = run.actor.forward_logprobs(batch)
     mask = batch.response_mask
-    metrics["rollout_logprob_gap"] = float((old_logprobs - rollout_logprobs).abs()[mask].mean())
-    batch = replace(batch, old_logprobs=old_logprobs)
+    weights, mismatch = correction_weights(old_logprobs, rollout_logprobs, mask, run.cfg.algorithm)
+    metrics.update(mismatch)
+    batch = replace(batch, old_logprobs=old_logprobs, rollout_weights=weights)
     if run.kl_reference is not None:
         batch = replace(batch, ref_logprobs=run.kl_reference.logprobs(batch))
     metrics["time_old_logprobs"] = time.perf_counter() - clock

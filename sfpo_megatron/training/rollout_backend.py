@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from sfpo_megatron.common.log import EVERY_RANK
 from sfpo_megatron.config import Config
+from sfpo_megatron.hf.export import write_served_fp8_model
 from sfpo_megatron.launch.parallel import free_port
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.models.gpt import DTYPES
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 class EmbeddedBackend:
     def __init__(self, cfg: Config, arch: ModelArch, device: torch.device) -> None:
         self.arch, self.engine = arch, None
+        self.weight_format = cfg.rollout.weight_format
         if dist.get_rank() == 0:
             self.engine = EmbeddedEngine(
                 hf_directory(cfg.model.hf_config),
@@ -52,7 +54,7 @@ class EmbeddedBackend:
             )
 
     def sync(self, chunks: list, version: int) -> None:
-        sync_in_process(chunks, self.arch, self.engine, version)
+        sync_in_process(chunks, self.arch, self.engine, version, weight_format=self.weight_format)
         if self.engine is not None:
             self.engine.resume_memory()
 
@@ -85,6 +87,7 @@ class ServersBackend:
             "nccl" if torch.cuda.is_available() else "gloo",
             r.server_tp,
             timeout_s=cfg.parallel.timeout_s,
+            weight_format=r.weight_format,
         )
         self.push.connect()
 
@@ -119,7 +122,7 @@ class ColocatedBackend:
         clients = [SGLangClient(u, r.request_timeout_s) for u in urls if u is not None]
         if rank == 0:
             self.engine = ServerPool(clients)
-        self.push = ColocatedSync(clients, r.server_tp)
+        self.push = ColocatedSync(clients, r.server_tp, weight_format=r.weight_format)
 
     def sync(self, chunks: list, version: int) -> None:
         self.push.push(chunks, self.arch, version)
@@ -162,7 +165,12 @@ def _launch(cfg: Config, engine: int) -> ServerProcess:
         first = torch.cuda.current_device()
         gpus = list(range(first, first + r.server_tp))
     if r.server == "sglang":
-        command = sglang_command(model, port, r.server_tp, host, memory_saver=True)
+        if r.weight_format == "fp8":
+            served = Path(cfg.logging.output_dir) / f"rollout_server{engine}_model"
+            model = str(write_served_fp8_model(model, served))
+        command = sglang_command(
+            model, port, r.server_tp, host, memory_saver=True, weight_format=r.weight_format
+        )
     else:
         device = "cuda" if gpus else "cpu"
         command = [
