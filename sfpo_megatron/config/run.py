@@ -80,6 +80,13 @@ class Config:
             "train.packing=false to use it",
         )
         require(
+            t.off_policy_steps == 0 or self.rollout.engine == "servers",
+            f"train.off_policy_steps=1 overlaps generation with training, which needs rollout "
+            f"servers on devices of their own (rollout.engine=servers); rollout.engine="
+            f"{self.rollout.engine} generates on the trainer's devices (and, embedded, in its "
+            f"process): use train.off_policy_steps=0",
+        )
+        require(
             t.warm_start_steps == 0 or self.data.require_answer,
             f"train.warm_start_steps={t.warm_start_steps} trains on the reference answers: it "
             "needs data.require_answer=true",

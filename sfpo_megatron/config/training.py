@@ -32,6 +32,10 @@ class TrainConfig:
     """Token budget of a packed micro-batch; None = ``micro_batch_size`` x the longest
     possible sequence (``data.max_prompt_length + rollout.max_response_length``): the
     memory of a padded micro-batch at the cap."""
+    off_policy_steps: Literal[0, 1] = 0
+    """1: generate the next batch while the actor trains on this one (with the weights of
+    one update before: samples are at most one version stale); 0: one phase after another.
+    Needs rollouts in other processes on other devices (``rollout.engine: servers``)."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts
     until ``prompts_per_step`` groups have signal (or ``max_sampling_rounds`` is reached)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -25,6 +25,9 @@ from sfpo_megatron.training.rollout_backend import RolloutLink, build_backend
 from sfpo_megatron.training.sampling import training_sampling
 from sfpo_megatron.training.stop_request import StopRequest
 from sfpo_megatron.training.train_checkpoint import CheckpointManager
+
+if TYPE_CHECKING:
+    from sfpo_megatron.training.collection import Collected
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Run:
     """Training samples generated so far (every round; no evaluation)."""
     best: dict[str, float] | None = None
     """The best evaluation so far: ``{"iteration": i, "eval/macro": score}``."""
+    next_batch: Collected | None = None
+    """One step off-policy: the next iteration's batch, sampled while this one trained (saved
+    with a checkpoint, so a resumed run trains on the very same samples)."""
     stopping: bool = False
     """A stop was asked for: the run ends after the current iteration's checkpoint."""
 

@@ -69,7 +69,9 @@ def save_checkpoint(run: Run, iteration: int) -> None:
     kl_reference = run.kl_reference
     if kl_reference is not None and kl_reference.as_built:
         kl_reference = None
-    run.train_checkpoints.save(iteration, run.actor, run.training_state(), kl_reference)
+    run.train_checkpoints.save(
+        iteration, run.actor, run.training_state(), kl_reference, run.next_batch
+    )
 
 
 def stop_early(run: Run, iteration: int) -> NoReturn:

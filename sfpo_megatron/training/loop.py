@@ -9,13 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from sfpo_megatron.algorithms.experience import ScoredGroups, policy_batch, select_groups
+from sfpo_megatron.algorithms.experience import policy_batch
 from sfpo_megatron.config import Config
-from sfpo_megatron.data.rewards import check_error_fraction
 from sfpo_megatron.launch.parallel import shutdown
 from sfpo_megatron.policy.rollout_correction import correction_weights
-from sfpo_megatron.rollout.scoring import solved
 from sfpo_megatron.training.build import Run, build_run
+from sfpo_megatron.training.collection import InFlight, collect_groups
 from sfpo_megatron.training.hooks import after_iteration, finish, stop_early
 from sfpo_megatron.training.preflight import launch_checked
 from sfpo_megatron.training.start import start_run
@@ -46,10 +45,21 @@ def train(cfg: Config) -> list[dict[str, float]]:
 
 
 def rl_iteration(run: Run, iteration: int) -> dict[str, float]:
-    """One iteration at theta0 = the weights the engine serves (version ``iteration - 1``)."""
-    scored, metrics = collect_groups(run, iteration)
+    """One iteration at theta0 = the weights of version ``iteration - 1``. Its batch was
+    sampled with them, or one step off-policy (``train.off_policy_steps: 1``) with version
+    ``iteration - 2`` while the previous iteration trained; it then samples the next batch
+    while it trains, and holds it in ``run.next_batch`` until the next iteration."""
+    collected = run.next_batch or collect_groups(run, iteration)
+    run.next_batch = None
+    in_flight = None
+    if run.cfg.train.off_policy_steps and iteration < run.cfg.train.iterations:
+        in_flight = InFlight(run, iteration + 1)
+    metrics = dict(collected.stats)
+    versions = [s.weight_version for s in collected.scored.samples]
+    metrics["rollout_weight_version"] = sum(versions) / len(versions)
+    metrics["rollout_staleness"] = iteration - 1 - metrics["rollout_weight_version"]
     run.rollout.release()
-    batch, rollout_logprobs = policy_batch(scored)
+    batch, rollout_logprobs = policy_batch(collected.scored)
     clock = time.perf_counter()
     old_logprobs, _ = run.actor.forward_logprobs(batch)
     mask = batch.response_mask
@@ -69,40 +79,11 @@ def rl_iteration(run: Run, iteration: int) -> dict[str, float]:
     metrics["alpha"] = result.alpha
     metrics["switched"] = float(result.switched)
 
+    if in_flight is not None:
+        run.next_batch = in_flight.join(run)
     clock = time.perf_counter()
     run.rollout.sync(version=iteration)
     metrics["time_sync"] = time.perf_counter() - clock
     metrics["weight_version"] = float(iteration)
     metrics["response_length"] = float(mask.sum()) / batch.num_sequences
     return metrics
-
-
-def collect_groups(run: Run, iteration: int) -> tuple[ScoredGroups, dict[str, float]]:
-    """``prompts_per_step`` scored groups; with dynamic sampling, more rounds of prompts until
-    enough groups carry signal (at most ``max_sampling_rounds``). Every sample of every round
-    counts into the run's cumulative ``rollouts``. Raises
-    :class:`~sfpo_megatron.data.rewards.RewardFailure` on every rank (their stats are the same) when
-    reward errors reach ``reward.max_error_fraction`` of the iteration's samples."""
-    t = run.cfg.train
-    rounds: list[ScoredGroups] = []
-    totals: dict[str, float] = {}
-    informative = 0
-    for round_index in range(t.max_sampling_rounds if t.dynamic_sampling else 1):
-        items = run.prompts.next_batch(t.prompts_per_step)
-        scored, stats = run.scorer.sample(items, run.sampling(iteration, round_index))
-        rounds.append(scored)
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value
-        informative += sum(scored.informative(g) for g in range(scored.num_groups))
-        if informative >= t.prompts_per_step:
-            break
-    rewards = [r for scored in rounds for r in scored.rewards]
-    r = run.cfg.reward
-    check_error_fraction(int(totals["reward_errors"]), len(rewards), r.max_error_fraction, r.fn)
-    run.rollouts += len(rewards)
-    totals["rollouts"] = run.rollouts
-    totals["reward_mean"] = sum(rewards) / len(rewards)
-    totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
-    totals["groups_kept"] = float(min(informative, t.prompts_per_step))
-    totals["sampling_rounds"] = float(len(rounds))
-    return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals

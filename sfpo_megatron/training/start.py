@@ -15,6 +15,7 @@ from sfpo_megatron.training.train_checkpoint import (
     holds_reference,
     latest_complete,
     load_checkpoint,
+    load_next_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def resume(run: Run, path: Path) -> None:
             )
         kl_reference = None
     run.load_training_state(load_checkpoint(path, run.actor, kl_reference))
+    run.next_batch = load_next_batch(path)
 
 
 def warm_start_policy(run: Run) -> None:

@@ -1,7 +1,8 @@
 """Training checkpoints in Megatron's distributed format that resume bit-exactly: the model
 chunks, the optimizer (fp32 master weights, Adam moments and step), the LR schedule, every
-rank's RNG streams, the trainer's own JSON state, and the KL reference policy when a resumed
-run could not rebuild it (it was warm-started).
+rank's RNG streams, the trainer's own JSON state, the KL reference policy when a resumed
+run could not rebuild it (it was warm-started), and an off-policy run's batch sampled ahead
+(``next_batch.pt``).
 
 Layout under ``root``::
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 MARKER = "COMPLETE"
 REFERENCE = "kl_reference"
 TRAINER_STATE = "trainer_state.json"
+NEXT_BATCH = "next_batch.pt"
 LATEST = "latest"
 PARTIAL = ".partial"
 _COMPLETE_NAME = re.compile(r"iter_(\d+)")
@@ -234,11 +236,15 @@ def _gather_model_params(actor: Actor) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _commit(staging: Path, final: Path, trainer_state: str, marker: dict[str, Any]) -> None:
-    """Collective, once every rank's files are written: add the trainer state and the marker,
-    rename, point ``latest``."""
+def _commit(
+    staging: Path, final: Path, trainer_state: str, next_batch: Any, marker: dict[str, Any]
+) -> None:
+    """Collective, once every rank's files are written: add the trainer state (and the next
+    batch, if any) and the marker, rename, point ``latest``."""
     if dist.get_rank() == 0:
         (staging / TRAINER_STATE).write_text(trainer_state)
+        if next_batch is not None:
+            torch.save(next_batch, staging / NEXT_BATCH)
         write_atomic(staging / MARKER, json.dumps(marker))
         if final.exists():  # the same iteration saved again, e.g. after resuming an older one
             shutil.rmtree(final)
@@ -266,10 +272,12 @@ class CheckpointManager:
         actor: Actor,
         state: dict[str, Any],
         reference: ReferencePolicy | None = None,
+        next_batch: Any = None,
     ) -> Path:
         """Collective on all ranks. ``state`` (JSON, the same on every rank) is stored as
-        trainer_state.json, ``reference`` (if given) beside the model. Returns the checkpoint's
-        final path (for an asynchronous save, where it will be once finalized)."""
+        trainer_state.json, ``reference`` (if given) beside the model, ``next_batch`` (rank
+        0's; an off-policy run's batch sampled ahead) as next_batch.pt. Returns the
+        checkpoint's final path (for an asynchronous save, where it will be once finalized)."""
         trainer_state = json.dumps(state, indent=1)  # raises on every rank if it cannot
         self.finalize()
         final = checkpoint_dir(self.root, iteration)
@@ -291,7 +299,7 @@ class CheckpointManager:
             content_metadata=dict(_SHARDING),
         )
         marker = {"iteration": iteration, **_layout(actor), REFERENCE: reference is not None}
-        commit = partial(_commit, staging, final, trainer_state, marker)
+        commit = partial(_commit, staging, final, trainer_state, next_batch, marker)
         if request is None:
             commit()
         else:
@@ -303,6 +311,12 @@ class CheckpointManager:
         """Collective: wait for a pending asynchronous save and complete it (no-op if none)."""
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=True)
+
+
+def load_next_batch(path: str | Path) -> Any:
+    """The batch sampled ahead that the complete checkpoint at ``path`` stores, or None."""
+    file = Path(path) / NEXT_BATCH
+    return torch.load(file, weights_only=False) if file.is_file() else None
 
 
 def holds_reference(path: str | Path) -> bool:
