@@ -1,5 +1,5 @@
-"""Generation speed of the embedded rollout engine (static KV cache; each decode step a CUDA
-graph on GPU unless --no-cuda-graphs) on a random Qwen2 model of a preset shape (see
+"""Generation speed of the embedded rollout engine (a pool of KV-cache slots; each decode step
+a CUDA graph on GPU unless --no-cuda-graphs) on a random Qwen2 model of a preset shape (see
 bench_actor.py for the shape flags).
 
 Weights arrive through ``update_weights`` from random tensors of the engine's own parameter
@@ -10,11 +10,28 @@ times; seconds are medians. tokens/s = batch x new tokens / seconds; ms/decode s
 
     python benchmarks/bench_generate.py --preset 0.5b --batch 64 --prompt-len 512 --new-tokens 512
     python benchmarks/bench_generate.py --preset tiny --batch 4 --prompt-len 16 --new-tokens 16
+
+--long-tail: --batch rows whose prompts are uniform in [--prompt-len / 8, --prompt-len] tokens
+and whose responses have the long-tail lengths of the packing benchmark (about 10% at the cap
+--new-tokens, the rest exponential with mean cap / 6: mean about 25% of the cap; the realised
+numbers are printed), decoded in --slots KV-cache slots. Each row runs exactly its length (no
+stop tokens). Timed once each after a small warm-up, on the same rows and seeds: static
+batching (each group of --slots rows runs as long as its longest) against continuous batching
+(a done row's slot takes the next prompt), which must give the same tokens; then, with
+--engines 2 (the default), continuous batching by 1 engine process at 1 thread against 2 engine
+processes at 1 thread each, splitting the rows as data-parallel rollout does (the time of 2 is
+that of the slower; both start together).
+
+    python benchmarks/bench_generate.py --long-tail
+    python benchmarks/bench_generate.py --long-tail --preset 0.5b --batch 1024 --slots 256 \
+        --prompt-len 512 --new-tokens 2048 --engines 1
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import statistics
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +47,16 @@ from bench_actor import (
 )
 
 from sfpo_megatron.common.samples import Bucket, SamplingParams
+from sfpo_megatron.rollout.batching import Row
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.sampler import row_key
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FIXED = {"batch": 64, "prompt_len": 512, "new_tokens": 512, "repeats": 3}
+LONG_TAIL = {"batch": 768, "prompt_len": 64, "new_tokens": 256, "repeats": 1}
+"""Defaults per mode: the long-tail default runs in under 3 minutes on 2 CPU cores."""
+AT_CAP = 0.1
+"""Share of long-tail rows whose response reaches the cap."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,12 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_shape_args(parser)
-    parser.add_argument("--batch", type=int, default=64, help="rows decoded together")
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, help="rows (fixed: 64, all decoded together)")
+    parser.add_argument("--prompt-len", type=int)
+    parser.add_argument("--new-tokens", type=int, help="new tokens per row (long tail: the cap)")
+    parser.add_argument("--repeats", type=int)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--long-tail", action="store_true", help="static vs continuous batching")
+    parser.add_argument("--slots", type=int, default=32, help="long tail: KV-cache slots")
+    parser.add_argument("--engines", type=int, choices=[1, 2], default=2, help="long tail")
     args = parser.parse_args(argv)
+    for key, value in (LONG_TAIL if args.long_tail else FIXED).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (one prefill step and at least one decode step)")
     return args
@@ -53,27 +83,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def random_buckets(engine: EmbeddedEngine) -> Iterator[Bucket]:
     """One bucket per engine parameter: norms near 1, the rest N(0, 0.02), made one at a time
-    so the stream never holds a second copy of the model."""
+    so the stream never holds a second copy of the model (the same weights in every process:
+    the generator is seeded)."""
+    generator = torch.Generator(device=engine.device).manual_seed(0)
     for name, param in engine.weights.views.items():
-        tensor = torch.randn(param.shape, device=param.device, dtype=param.dtype) * 0.02
-        yield [(name, tensor + 1 if "norm" in name else tensor)]
+        tensor = torch.randn(
+            param.shape, device=param.device, dtype=param.dtype, generator=generator
+        )
+        yield [(name, tensor * 0.02 + 1 if "norm" in name else tensor * 0.02)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Load random weights into the engine, then time prefill and full generation."""
-    args = parse_args(argv)
+def build_engine(args: argparse.Namespace, kv_cache_gb: float | None = None) -> EmbeddedEngine:
+    """The engine for the shape flags, with its random weights loaded."""
     shape = shape_from_args(args)
-    dtype = resolve_dtype(args.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     positions = args.prompt_len + args.new_tokens
     directory = write_hf_config(shape, Path(tempfile.mkdtemp()), positions)
+    extra = {} if kv_cache_gb is None else {"kv_cache_gb": kv_cache_gb}
     engine = EmbeddedEngine(
-        directory, device=device, dtype=DTYPES[dtype], cuda_graphs=args.cuda_graphs
+        directory,
+        device=device,
+        dtype=DTYPES[resolve_dtype(args.dtype)],
+        cuda_graphs=args.cuda_graphs,
+        **extra,
     )
     engine.update_weights(random_buckets(engine), version=1)
+    return engine
+
+
+def describe(args: argparse.Namespace, engine: EmbeddedEngine) -> None:
     params = sum(p.numel() for p in engine.weights.views.values())
+    dtype = resolve_dtype(args.dtype)
+    print(f"device: {device_name()}, torch {torch.__version__}")
+    print(
+        f"model: preset {args.preset} {shape_from_args(args)}, {params / 1e6:.1f} M params, {dtype}"
+    )
+    print(f"decode steps: {'CUDA graphs' if engine.decoder.cuda_graphs else 'eager'}")
+
+
+def fixed_batch(args: argparse.Namespace) -> None:
+    """Load random weights into the engine, then time prefill and full generation."""
+    engine = build_engine(args)
+    vocab = engine.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, shape.vocab, (args.batch, args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=g).tolist()
 
     def run(new_tokens: int) -> None:
         engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, seed=0))
@@ -83,9 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = timed(lambda: run(args.new_tokens), args.repeats)
     decode_ms = (seconds - prefill) / (args.new_tokens - 1) * 1e3
 
-    print(f"device: {device_name()}, torch {torch.__version__}")
-    print(f"model: preset {args.preset} {shape}, {params / 1e6:.1f} M params, dtype {dtype}")
-    print(f"decode steps: {'CUDA graphs' if engine.decoder.cuda_graphs else 'eager'}")
+    describe(args, engine)
     print(
         f"seconds: median of {args.repeats} after 1 warm-up; tokens/s = batch x new tokens / "
         "seconds; ms/decode step = (seconds - prefill s) / (new tokens - 1)"
@@ -97,6 +148,119 @@ def main(argv: list[str] | None = None) -> None:
         f"| {args.batch} | {args.prompt_len} | {args.new_tokens} | {seconds:.4g} "
         f"| {args.batch * args.new_tokens / seconds:.1f} | {prefill:.4g} | {decode_ms:.4g} |"
     )
+
+
+def long_tail_rows(args: argparse.Namespace, vocab: int) -> list[Row]:
+    """The long-tail batch: prompt lengths uniform in [prompt_len / 8, prompt_len]; response
+    budgets AT_CAP at the cap, the rest exponential with mean cap / 6, within [1, cap]."""
+    g = torch.Generator().manual_seed(0)
+    cap, rows = args.new_tokens, []
+    for index in range(args.batch):
+        length = int(
+            torch.randint(max(1, args.prompt_len // 8), args.prompt_len + 1, (1,), generator=g)
+        )
+        prompt = torch.randint(0, vocab, (length,), generator=g).tolist()
+        at_cap = float(torch.rand(1, generator=g)) < AT_CAP
+        drawn = float(torch.empty(1).exponential_(6 / cap, generator=g))
+        budget = cap if at_cap else min(cap, max(1, round(drawn)))
+        rows.append(Row(prompt, row_key(0, index, 0), budget))
+    return rows
+
+
+def timed_decode(
+    engine: EmbeddedEngine, rows: list[Row], continuous: bool, repeats: int
+) -> tuple[float, list]:
+    """Median seconds of decoding ``rows`` (after a warm-up on a few of them), and the result."""
+    params = SamplingParams(max_new_tokens=1)
+    engine.decode(rows[:4], params, continuous)
+    result: list = []
+    seconds = timed(
+        lambda: result.__setitem__(slice(None), engine.decode(rows, params, continuous)), repeats
+    )
+    return seconds, result
+
+
+def engine_process(args, rows, kv_cache_gb, barrier, results, slot) -> None:
+    """One engine at 1 thread: build, warm up, wait for the others, time its rows."""
+    torch.set_num_threads(1)
+    engine = build_engine(args, kv_cache_gb)
+    engine.decode(rows[:4], SamplingParams(max_new_tokens=1))
+    barrier.wait()
+    seconds, decoded = timed_decode(engine, rows, True, 1)
+    results.put((slot, seconds, [d.tokens for d in decoded]))
+
+
+def engine_processes(args, shares: list[list[Row]], kv_cache_gb: float) -> tuple[float, list]:
+    """Wall time of the slowest of one engine process per share (all started together), and
+    the tokens of every row in share order."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(len(shares)), context.Queue()
+    processes = [
+        context.Process(target=engine_process, args=(args, share, kv_cache_gb, barrier, results, i))
+        for i, share in enumerate(shares)
+    ]
+    for process in processes:
+        process.start()
+    outcome = sorted(results.get() for _ in processes)
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"an engine process failed (exit status {process.exitcode})")
+    return max(seconds for _, seconds, _ in outcome), [t for *_, tokens in outcome for t in tokens]
+
+
+def long_tail(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # one engine = one core, as each of the 2 engine processes
+    probe = build_engine(args, kv_cache_gb=1.0)
+    positions = args.prompt_len + args.new_tokens
+    kv_cache_gb = args.slots * probe.decoder.kv_bytes(1, positions) / 2**30
+    engine = build_engine(args, kv_cache_gb)
+    assert engine.slots(positions) == args.slots
+    rows = long_tail_rows(args, engine.vocab_size)
+    budgets = [r.budget for r in rows]
+    tokens = sum(budgets)
+    static, static_out = timed_decode(engine, rows, False, args.repeats)
+    continuous, continuous_out = timed_decode(engine, rows, True, args.repeats)
+    if [d.tokens for d in static_out] != [d.tokens for d in continuous_out]:
+        raise RuntimeError("static and continuous batching gave different tokens")
+
+    describe(args, engine)
+    prompt_lengths = [len(r.prompt) for r in rows]
+    print(
+        f"long-tail batch: {len(rows)} rows, prompts {min(prompt_lengths)}-{max(prompt_lengths)} "
+        f"tokens (mean {statistics.mean(prompt_lengths):.0f}); responses: cap {args.new_tokens}, "
+        f"mean {statistics.mean(budgets):.1f} = {statistics.mean(budgets) / args.new_tokens:.1%} "
+        f"of the cap, {budgets.count(args.new_tokens) / len(rows):.1%} at the cap; "
+        f"{args.slots} KV-cache slots ({kv_cache_gb * 2**10:.1f} MiB)"
+    )
+    print(f"seconds: median of {args.repeats}; tokens/s = generated tokens / seconds")
+    print()
+    print("| batching | engines | threads each | seconds | tokens/s |")
+    print("|---|---:|---:|---:|---:|")
+    threads = torch.get_num_threads()
+    print(f"| static | 1 | {threads} | {static:.4g} | {tokens / static:.1f} |")
+    print(f"| continuous | 1 | {threads} | {continuous:.4g} | {tokens / continuous:.1f} |")
+    engines = "-"
+    if args.engines == 2:
+        one, one_out = engine_processes(args, [rows], kv_cache_gb)
+        half = len(rows) // 2
+        two, two_out = engine_processes(args, [rows[:half], rows[half:]], kv_cache_gb)
+        if one_out != two_out or one_out != [d.tokens for d in continuous_out]:
+            raise RuntimeError("2 engines gave other tokens than 1")
+        print(f"| continuous | 1 | 1 | {one:.4g} | {tokens / one:.1f} |")
+        print(f"| continuous | 2 | 1 | {two:.4g} | {tokens / two:.1f} |")
+        engines = f"{one / two:.2f}x"
+    print()
+    print(f"continuous batching speed-up: {static / continuous:.2f}x; 2 engines vs 1: {engines}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.long_tail:
+        long_tail(args)
+    else:
+        fixed_batch(args)
 
 
 if __name__ == "__main__":
