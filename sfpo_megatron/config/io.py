@@ -22,7 +22,8 @@ class RolloutConfig:
     """-1 = off."""
     max_response_length: int = 2560
     engine: Literal["embedded", "servers", "colocated"] = "embedded"
-    """Where rollouts run: ``embedded`` = the policy in rank 0's process
+    """Where rollouts run: ``embedded`` = the policy in the trainer's processes, one engine per
+    ``server_tp`` ranks on that rank's device, each sampling its share of the prompts
     (:mod:`sfpo_megatron.rollout.embedded`), fed by the export stream after every update;
     ``servers`` = SGLang servers (or ``python -m sfpo_megatron.rollout.http_server``) at
     ``server_urls``, fed over a broadcast
@@ -37,7 +38,9 @@ class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
     """Base URLs of the rollout servers; prompts are split evenly across them."""
     server_tp: int = 1
-    """GPUs (TP ranks) of each server: its side of the weight broadcast group."""
+    """GPUs (TP ranks) of each server: its side of the weight broadcast group. Embedded: one
+    engine per this many trainer ranks (1 = every rank generates; the world size = one
+    engine, on rank 0)."""
     sync_port: int = 29900
     """First port of the weight broadcast groups (one per server and pipeline stage)."""
     sync_address: str | None = None
