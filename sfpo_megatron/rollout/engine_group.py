@@ -93,7 +93,19 @@ def _assemble(
     stats: dict[str, float] = {}
     for e, (part, _, seconds) in enumerate(parts):
         samples += part
-        stats[f"rollout/engine{e}/rows"] = float(len(part))
-        stats[f"rollout/engine{e}/tokens"] = float(sum(len(s.output_ids) for s in part))
-        stats[f"rollout/engine{e}/seconds"] = seconds
+        stats[f"rollout_rows_engine{e}"] = float(len(part))
+        stats[f"rollout_tokens_engine{e}"] = float(sum(len(s.output_ids) for s in part))
+        stats[f"time_rollout_engine{e}"] = seconds
     return samples, stats
+
+
+def engine_rates(stats: dict[str, float]) -> dict[str, float]:
+    """``tokens_per_s_engine<e>`` for every engine in ``stats`` (the sums over an iteration's
+    sampling rounds)."""
+    return {
+        f"tokens_per_s_engine{key.removeprefix('time_rollout_engine')}": (
+            stats[key.replace("time_rollout", "rollout_tokens")] / max(seconds, 1e-9)
+        )
+        for key, seconds in stats.items()
+        if key.startswith("time_rollout_engine")
+    }

@@ -13,6 +13,7 @@ from sfpo_megatron.algorithms.experience import ScoredGroups, policy_batch, sele
 from sfpo_megatron.config import Config
 from sfpo_megatron.data.rewards import check_error_fraction
 from sfpo_megatron.launch.parallel import shutdown
+from sfpo_megatron.rollout.engine_group import engine_rates
 from sfpo_megatron.rollout.scoring import solved
 from sfpo_megatron.training.build import Run, build_run
 from sfpo_megatron.training.hooks import after_iteration, finish, stop_early
@@ -103,4 +104,5 @@ def collect_groups(run: Run, iteration: int) -> tuple[ScoredGroups, dict[str, fl
     totals["accuracy"] = sum(map(solved, rewards)) / len(rewards)
     totals["groups_kept"] = float(min(informative, t.prompts_per_step))
     totals["sampling_rounds"] = float(len(rounds))
+    totals.update(engine_rates(totals))
     return select_groups(rounds, t.prompts_per_step, t.dynamic_sampling), totals
