@@ -101,8 +101,9 @@ def decode_rows(
     stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
     waiting = deque(range(len(rows)))
     row_of: list[int | None] = [None] * slots
-    steps = [0] * slots
-    """Steps since each slot's row was admitted (bounds its count without a device read)."""
+    clock = 0
+    """Draws so far; a row admitted at ``admitted[s]`` has at most ``clock - admitted[s]``."""
+    admitted = [0] * slots
     results: list[Decoded | None] = [None] * len(rows)
 
     def admit() -> None:
@@ -113,23 +114,22 @@ def decode_rows(
         decoder.prefill(free, [rows[r].prompt for r in taken])
         state.admit(free, [rows[r] for r in taken])
         for slot, row in zip(free, taken, strict=True):
-            row_of[slot], steps[slot] = row, 0
+            row_of[slot], admitted[slot] = row, clock
 
     admit()
     while True:
         live = [s for s in range(decoder.width) if row_of[s] is not None]
-        left = min(rows[row_of[s]].budget - steps[s] for s in live)
+        left = min(rows[row_of[s]].budget - (clock - admitted[s]) for s in live)
         for step in range(min(STOP_CHECK_STEPS, left)):
             if step:
                 decoder.step(state.last[: decoder.width])
             state.draw(decoder.logits, params, stops)
-            for s in live:
-                steps[s] += 1
+            clock += 1
         finished = _harvest(state, live, decoder.width, row_of, results)
         if finished:
             decoder.free(finished)
         if continuous and not waiting:
-            _narrow(decoder, state, row_of, steps)
+            _narrow(decoder, state, row_of, admitted)
         if any(row is not None for row in row_of[: decoder.width]):
             decoder.step(state.last[: decoder.width])
         elif not waiting:
@@ -162,7 +162,7 @@ def _harvest(
 
 
 def _narrow(
-    decoder: SlotDecoder, state: _Slots, row_of: list[int | None], steps: list[int]
+    decoder: SlotDecoder, state: _Slots, row_of: list[int | None], admitted: list[int]
 ) -> None:
     """Halve the width while the live rows fit (they move to the first slots)."""
     live = [s for s in range(decoder.width) if row_of[s] is not None]
@@ -179,4 +179,4 @@ def _narrow(
         tensor[:width] = tensor[index]
     row_of[:width] = [row_of[s] for s in order]
     row_of[width:] = [None] * (len(row_of) - width)
-    steps[:width] = [steps[s] for s in order]
+    admitted[:width] = [admitted[s] for s in order]

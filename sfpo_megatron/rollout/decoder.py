@@ -123,8 +123,11 @@ class SlotDecoder:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.width = 0
         """Decode steps run over slots [0, width)."""
-        self._columns: list[int] = []
-        self._live: list[bool] = []
+        self._steps = 0
+        self._origin: dict[int, int] = {}
+        """Each live slot's column minus the steps taken so far (no per-step host update)."""
+        self._furthest = 0
+        """The largest origin: the furthest column is ``_furthest + _steps``."""
 
     def kv_bytes(self, rows: int, positions: int) -> int:
         """Bytes of the KV cache :meth:`reserve` allocates for ``rows`` x ``positions``."""
@@ -146,7 +149,7 @@ class SlotDecoder:
         self._cache.valid.zero_()
         self._cache.position.zero_()
         self.width = slots
-        self._columns, self._live = [0] * slots, [False] * slots
+        self._steps, self._origin, self._furthest = 0, {}, 0
 
     @property
     def logits(self) -> torch.Tensor:
@@ -175,7 +178,8 @@ class SlotDecoder:
         cache.valid.index_copy_(0, slot_index, columns < lengths[:, None])
         cache.position.index_copy_(0, slot_index, lengths)
         for slot, prompt in zip(slots, prompts, strict=True):
-            self._columns[slot], self._live[slot] = len(prompt), True
+            self._origin[slot] = len(prompt) - self._steps
+        self._furthest = max(self._origin.values())
 
     def free(self, slots: list[int]) -> None:
         """Done with these slots' sequences. A free slot inside the width still takes steps
@@ -184,30 +188,29 @@ class SlotDecoder:
         self._cache.valid.index_fill_(0, index, False)
         self._cache.position.index_fill_(0, index, 0)
         for slot in slots:
-            self._columns[slot], self._live[slot] = 0, False
+            self._origin.pop(slot, None)
+        self._furthest = max(self._origin.values(), default=-self._steps)
 
     def compact(self, order: list[int]) -> None:
         """Move slot ``order[i]`` to slot ``i`` and decode only those: width = len(order)."""
         index = torch.tensor(order, device=self.device)
         for tensor in self._cache.per_slot():
             tensor[: len(order)] = tensor[index]
-        self._columns = [self._columns[s] for s in order] + self._columns[len(order) :]
-        self._live = [self._live[s] for s in order] + [False] * (len(self._live) - len(order))
+        self._origin = {i: self._origin[s] for i, s in enumerate(order) if s in self._origin}
         self.width = len(order)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each slot's last token [width] at its column and return the next-token logits
         [width, vocab] (a buffer overwritten by the next step)."""
         cache, width = self._cache, self.width
-        live = [c for c, on in zip(self._columns[:width], self._live[:width], strict=True) if on]
-        span = min(cache.shape[1], _spans(max(live, default=0) + 1))
+        span = min(cache.shape[1], _spans(self._furthest + self._steps + 1))
         cache.token[:width].copy_(tokens)
         if self.cuda_graphs:
             self._replay(cache, width, span)
         else:
             self._step(cache, width, span)
         cache.position[:width].add_(1)
-        self._columns[:width] = [c + 1 for c in self._columns[:width]]
+        self._steps += 1
         return cache.logits[:width]
 
     def _allocate(self, slots: int, length: int) -> _Cache:
