@@ -119,7 +119,8 @@ def decode_rows(
     admit()
     while True:
         live = [s for s in range(decoder.width) if row_of[s] is not None]
-        left = min(rows[row_of[s]].budget - (clock - admitted[s]) for s in live)
+        # Checks are what frees slots; fewer than STOP_CHECK_STEPS only when every row ends.
+        left = max(rows[row_of[s]].budget - (clock - admitted[s]) for s in live)
         for step in range(min(STOP_CHECK_STEPS, left)):
             if step:
                 decoder.step(state.last[: decoder.width])
