@@ -15,16 +15,16 @@ times; seconds are medians. tokens/s = batch x new tokens / seconds; ms/decode s
 and whose responses have the long-tail lengths of the packing benchmark (about 10% at the cap
 --new-tokens, the rest exponential with mean cap / 6: mean about 25% of the cap; the realised
 numbers are printed), decoded in --slots KV-cache slots. Each row runs exactly its length (no
-stop tokens). Timed once each after a small warm-up, on the same rows and seeds: static
-batching (each group of --slots rows runs as long as its longest) against continuous batching
-(a done row's slot takes the next prompt), which must give the same tokens; then, with
---engines 2 (the default), continuous batching by 1 engine process at 1 thread against 2 engine
-processes at 1 thread each, splitting the rows as data-parallel rollout does (the time of 2 is
-that of the slower; both start together).
+stop tokens). On the same rows and seeds, static batching (each group of --slots rows runs as
+long as its longest) against continuous batching (a done row's slot takes the next prompt),
+which must give the same tokens; then, with --engines 2 (the default on the CPU, CPU only),
+continuous batching by 1 engine process at 1 thread against 2 engine processes at 1 thread
+each, splitting the rows as data-parallel rollout does (the time of 2 is that of the slower;
+both start together). On the CPU every engine runs at 1 thread.
 
     python benchmarks/bench_generate.py --long-tail
-    python benchmarks/bench_generate.py --long-tail --preset 0.5b --batch 1024 --slots 256 \
-        --prompt-len 512 --new-tokens 2048 --engines 1
+    python benchmarks/bench_generate.py --long-tail --preset 0.5b --batch 512 --slots 128 \
+        --prompt-len 512 --new-tokens 1024 --engines 1
 """
 
 from __future__ import annotations
@@ -71,11 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--long-tail", action="store_true", help="static vs continuous batching")
     parser.add_argument("--slots", type=int, default=32, help="long tail: KV-cache slots")
-    parser.add_argument("--engines", type=int, choices=[1, 2], default=2, help="long tail")
+    parser.add_argument(
+        "--engines", type=int, choices=[1, 2], help="long tail: 2 = also 1 vs 2 CPU processes"
+    )
     args = parser.parse_args(argv)
     for key, value in (LONG_TAIL if args.long_tail else FIXED).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    cuda = torch.cuda.is_available()
+    args.engines = args.engines or (1 if cuda else 2)
+    if args.engines == 2 and cuda:
+        parser.error("--engines 2 compares CPU processes at one thread each: CPU only")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (one prefill step and at least one decode step)")
     return args
@@ -170,9 +176,10 @@ def long_tail_rows(args: argparse.Namespace, vocab: int) -> list[Row]:
 def timed_decode(
     engine: EmbeddedEngine, rows: list[Row], continuous: bool, repeats: int
 ) -> tuple[float, list]:
-    """Median seconds of decoding ``rows`` (after a warm-up on a few of them), and the result."""
+    """Median seconds of decoding ``rows``, and the result. The warm-up is a few rows on the
+    CPU, all of them on CUDA (where it captures every (width, span) graph the run replays)."""
     params = SamplingParams(max_new_tokens=1)
-    engine.decode(rows[:4], params, continuous)
+    engine.decode(rows if torch.cuda.is_available() else rows[:4], params, continuous)
     result: list = []
     seconds = timed(
         lambda: result.__setitem__(slice(None), engine.decode(rows, params, continuous)), repeats
