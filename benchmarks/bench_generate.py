@@ -20,7 +20,9 @@ long as its longest) against continuous batching (a done row's slot takes the ne
 which must give the same tokens; then, with --engines 2 (the default on the CPU, CPU only),
 continuous batching by 1 engine process at 1 thread against 2 engine processes at 1 thread
 each, splitting the rows as data-parallel rollout does (the time of 2 is that of the slower;
-both start together). On the CPU every engine runs at 1 thread.
+both start together; the engine processes live through the whole run). On the CPU every
+engine runs at 1 thread. Each comparison runs --repeats rounds (default 2), its runs in turn
+within a round, and keeps each run's best time (load on a shared machine only slows a run).
 
     python benchmarks/bench_generate.py --long-tail
     python benchmarks/bench_generate.py --long-tail --preset 0.5b --batch 512 --slots 128 \
@@ -33,7 +35,8 @@ import argparse
 import multiprocessing
 import statistics
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ from bench_actor import (
     device_name,
     resolve_dtype,
     shape_from_args,
+    synchronize,
     timed,
     write_hf_config,
 )
@@ -53,7 +57,7 @@ from sfpo_megatron.rollout.sampler import row_key
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FIXED = {"batch": 64, "prompt_len": 512, "new_tokens": 512, "repeats": 3}
-LONG_TAIL = {"batch": 768, "prompt_len": 64, "new_tokens": 256, "repeats": 1}
+LONG_TAIL = {"batch": 768, "prompt_len": 64, "new_tokens": 256, "repeats": 2}
 """Defaults per mode: the long-tail default runs in under 3 minutes on 2 CPU cores."""
 AT_CAP = 0.1
 """Share of long-tail rows whose response reaches the cap."""
@@ -173,47 +177,74 @@ def long_tail_rows(args: argparse.Namespace, vocab: int) -> list[Row]:
     return rows
 
 
-def timed_decode(
-    engine: EmbeddedEngine, rows: list[Row], continuous: bool, repeats: int
-) -> tuple[float, list]:
-    """Median seconds of decoding ``rows``, and the result. The warm-up is a few rows on the
-    CPU, all of them on CUDA (where it captures every (width, span) graph the run replays)."""
-    params = SamplingParams(max_new_tokens=1)
-    engine.decode(rows if torch.cuda.is_available() else rows[:4], params, continuous)
-    result: list = []
-    seconds = timed(
-        lambda: result.__setitem__(slice(None), engine.decode(rows, params, continuous)), repeats
-    )
-    return seconds, result
+def decode_seconds(engine: EmbeddedEngine, rows: list[Row], continuous: bool) -> tuple[float, list]:
+    """Seconds of one decode of ``rows`` (device synchronised), and the tokens of each row."""
+    synchronize()
+    begin = time.perf_counter()
+    decoded = engine.decode(rows, SamplingParams(max_new_tokens=1), continuous)
+    synchronize()
+    return time.perf_counter() - begin, [d.tokens for d in decoded]
 
 
-def engine_process(args, rows, kv_cache_gb, barrier, results, slot) -> None:
-    """One engine at 1 thread: build, warm up, wait for the others, time its rows."""
+def warm_up(engine: EmbeddedEngine, rows: list[Row], continuous: bool) -> None:
+    """A few rows on the CPU; all of them on CUDA, capturing every graph the runs replay."""
+    decode_seconds(engine, rows if torch.cuda.is_available() else rows[:4], continuous)
+
+
+def engine_process(args, rows, kv_cache_gb, commands, results, slot) -> None:
+    """One engine at 1 thread: build, warm up, then time its rows on each command."""
     torch.set_num_threads(1)
     engine = build_engine(args, kv_cache_gb)
-    engine.decode(rows[:4], SamplingParams(max_new_tokens=1))
-    barrier.wait()
-    seconds, decoded = timed_decode(engine, rows, True, 1)
-    results.put((slot, seconds, [d.tokens for d in decoded]))
+    warm_up(engine, rows, True)
+    results.put((slot, 0.0, None))
+    while commands.get() is not None:
+        results.put((slot, *decode_seconds(engine, rows, True)))
 
 
-def engine_processes(args, shares: list[list[Row]], kv_cache_gb: float) -> tuple[float, list]:
-    """Wall time of the slowest of one engine process per share (all started together), and
-    the tokens of every row in share order."""
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(len(shares)), context.Queue()
-    processes = [
-        context.Process(target=engine_process, args=(args, share, kv_cache_gb, barrier, results, i))
-        for i, share in enumerate(shares)
-    ]
-    for process in processes:
-        process.start()
-    outcome = sorted(results.get() for _ in processes)
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"an engine process failed (exit status {process.exitcode})")
-    return max(seconds for _, seconds, _ in outcome), [t for *_, tokens in outcome for t in tokens]
+class EngineProcesses:
+    """Persistent engine processes (spawned), each with its rows; :meth:`run` times one
+    decode in a set of them started together: its seconds are the slowest one's."""
+
+    def __init__(self, args, shares: list[list[Row]], kv_cache_gb: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.results = context.Queue()
+        self.commands = [context.Queue() for _ in shares]
+        self.processes = [
+            context.Process(
+                target=engine_process,
+                args=(args, share, kv_cache_gb, self.commands[i], self.results, i),
+            )
+            for i, share in enumerate(shares)
+        ]
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:
+            self.results.get()
+
+    def run(self, members: list[int]) -> tuple[float, list]:
+        for member in members:
+            self.commands[member].put(True)
+        outcome = sorted(self.results.get() for _ in members)
+        return max(seconds for _, seconds, _ in outcome), [t for *_, ts in outcome for t in ts]
+
+    def close(self) -> None:
+        for queue in self.commands:
+            queue.put(None)
+        for process in self.processes:
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"an engine process failed (exit status {process.exitcode})")
+
+
+def round_robin(runs: dict[str, Callable[[], tuple[float, list]]], rounds: int) -> dict:
+    """Each run once per round, in turn (so load changes hit them alike): the best seconds
+    of each, and its tokens (the same every time)."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            seconds, tokens = run()
+            best[name] = (min(seconds, best.get(name, (seconds,))[0]), tokens)
+    return best
 
 
 def long_tail(args: argparse.Namespace) -> None:
@@ -227,10 +258,24 @@ def long_tail(args: argparse.Namespace) -> None:
     rows = long_tail_rows(args, engine.vocab_size)
     budgets = [r.budget for r in rows]
     tokens = sum(budgets)
-    static, static_out = timed_decode(engine, rows, False, args.repeats)
-    continuous, continuous_out = timed_decode(engine, rows, True, args.repeats)
-    if [d.tokens for d in static_out] != [d.tokens for d in continuous_out]:
-        raise RuntimeError("static and continuous batching gave different tokens")
+    warm_up(engine, rows, False)
+    warm_up(engine, rows, True)
+    runs = {
+        "static": lambda: decode_seconds(engine, rows, False),
+        "continuous": lambda: decode_seconds(engine, rows, True),
+    }
+    processes = None
+    if args.engines == 2:
+        half = len(rows) // 2
+        processes = EngineProcesses(args, [rows, rows[:half], rows[half:]], kv_cache_gb)
+        runs["1 engine"] = lambda: processes.run([0])
+        runs["2 engines"] = lambda: processes.run([1, 2])
+    best = round_robin(runs, args.repeats)
+    if processes is not None:
+        processes.close()
+    if len({str(value[1]) for value in best.values()}) != 1:
+        raise RuntimeError(f"the runs gave different tokens: {list(best)}")
+    static, continuous = best["static"][0], best["continuous"][0]
 
     describe(args, engine)
     prompt_lengths = [len(r.prompt) for r in rows]
@@ -241,7 +286,10 @@ def long_tail(args: argparse.Namespace) -> None:
         f"of the cap, {budgets.count(args.new_tokens) / len(rows):.1%} at the cap; "
         f"{args.slots} KV-cache slots ({kv_cache_gb * 2**10:.1f} MiB)"
     )
-    print(f"seconds: median of {args.repeats}; tokens/s = generated tokens / seconds")
+    print(
+        f"seconds: best of {args.repeats} rounds, the runs of a round in turn; "
+        "tokens/s = generated tokens / seconds"
+    )
     print()
     print("| batching | engines | threads each | seconds | tokens/s |")
     print("|---|---:|---:|---:|---:|")
@@ -249,12 +297,8 @@ def long_tail(args: argparse.Namespace) -> None:
     print(f"| static | 1 | {threads} | {static:.4g} | {tokens / static:.1f} |")
     print(f"| continuous | 1 | {threads} | {continuous:.4g} | {tokens / continuous:.1f} |")
     engines = "-"
-    if args.engines == 2:
-        one, one_out = engine_processes(args, [rows], kv_cache_gb)
-        half = len(rows) // 2
-        two, two_out = engine_processes(args, [rows[:half], rows[half:]], kv_cache_gb)
-        if one_out != two_out or one_out != [d.tokens for d in continuous_out]:
-            raise RuntimeError("2 engines gave other tokens than 1")
+    if processes is not None:
+        one, two = best["1 engine"][0], best["2 engines"][0]
         print(f"| continuous | 1 | 1 | {one:.4g} | {tokens / one:.1f} |")
         print(f"| continuous | 2 | 1 | {two:.4g} | {tokens / two:.1f} |")
         engines = f"{one / two:.2f}x"
