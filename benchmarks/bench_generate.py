@@ -177,13 +177,17 @@ def long_tail_rows(args: argparse.Namespace, vocab: int) -> list[Row]:
     return rows
 
 
-def decode_seconds(engine: EmbeddedEngine, rows: list[Row], continuous: bool) -> tuple[float, list]:
-    """Seconds of one decode of ``rows`` (device synchronised), and the tokens of each row."""
+Timing = tuple[float, float, list]
+"""Wall seconds, this process's CPU seconds, and the tokens of each row."""
+
+
+def decode_seconds(engine: EmbeddedEngine, rows: list[Row], continuous: bool) -> Timing:
+    """One decode of ``rows`` (device synchronised)."""
     synchronize()
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     decoded = engine.decode(rows, SamplingParams(max_new_tokens=1), continuous)
     synchronize()
-    return time.perf_counter() - begin, [d.tokens for d in decoded]
+    return time.perf_counter() - begin, time.process_time() - cpu, [d.tokens for d in decoded]
 
 
 def warm_up(engine: EmbeddedEngine, rows: list[Row], continuous: bool) -> None:
@@ -196,7 +200,7 @@ def engine_process(args, rows, kv_cache_gb, commands, results, slot) -> None:
     torch.set_num_threads(1)
     engine = build_engine(args, kv_cache_gb)
     warm_up(engine, rows, True)
-    results.put((slot, 0.0, None))
+    results.put((slot, 0.0, 0.0, None))
     while commands.get() is not None:
         results.put((slot, *decode_seconds(engine, rows, True)))
 
@@ -221,11 +225,13 @@ class EngineProcesses:
         for _ in self.processes:
             self.results.get()
 
-    def run(self, members: list[int]) -> tuple[float, list]:
+    def run(self, members: list[int]) -> Timing:
+        """The slowest member's wall seconds, the members' CPU seconds together."""
         for member in members:
             self.commands[member].put(True)
         outcome = sorted(self.results.get() for _ in members)
-        return max(seconds for _, seconds, _ in outcome), [t for *_, ts in outcome for t in ts]
+        tokens = [t for *_, ts in outcome for t in ts]
+        return max(o[1] for o in outcome), sum(o[2] for o in outcome), tokens
 
     def close(self) -> None:
         for queue in self.commands:
@@ -236,14 +242,15 @@ class EngineProcesses:
                 raise RuntimeError(f"an engine process failed (exit status {process.exitcode})")
 
 
-def round_robin(runs: dict[str, Callable[[], tuple[float, list]]], rounds: int) -> dict:
-    """Each run once per round, in turn (so load changes hit them alike): the best seconds
-    of each, and its tokens (the same every time)."""
-    best: dict = {}
+def round_robin(runs: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, Timing]:
+    """Each run once per round, in turn (so load changes hit them alike): the fastest of
+    each."""
+    best: dict[str, Timing] = {}
     for _ in range(rounds):
         for name, run in runs.items():
-            seconds, tokens = run()
-            best[name] = (min(seconds, best.get(name, (seconds,))[0]), tokens)
+            timing = run()
+            if name not in best or timing[0] < best[name][0]:
+                best[name] = timing
     return best
 
 
@@ -273,9 +280,8 @@ def long_tail(args: argparse.Namespace) -> None:
     best = round_robin(runs, args.repeats)
     if processes is not None:
         processes.close()
-    if len({str(value[1]) for value in best.values()}) != 1:
+    if len({str(timing[2]) for timing in best.values()}) != 1:
         raise RuntimeError(f"the runs gave different tokens: {list(best)}")
-    static, continuous = best["static"][0], best["continuous"][0]
 
     describe(args, engine)
     prompt_lengths = [len(r.prompt) for r in rows]
@@ -287,21 +293,25 @@ def long_tail(args: argparse.Namespace) -> None:
         f"{args.slots} KV-cache slots ({kv_cache_gb * 2**10:.1f} MiB)"
     )
     print(
-        f"seconds: best of {args.repeats} rounds, the runs of a round in turn; "
-        "tokens/s = generated tokens / seconds"
+        f"seconds: best of {args.repeats} rounds, the runs of a round in turn; CPU s: of every "
+        "engine process (near seconds x engines when each had a core); tokens/s = generated "
+        "tokens / seconds"
     )
     print()
-    print("| batching | engines | threads each | seconds | tokens/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| batching | engines | threads each | seconds | CPU s | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     threads = torch.get_num_threads()
-    print(f"| static | 1 | {threads} | {static:.4g} | {tokens / static:.1f} |")
-    print(f"| continuous | 1 | {threads} | {continuous:.4g} | {tokens / continuous:.1f} |")
+    rows_printed = [("static", "static", 1, threads), ("continuous", "continuous", 1, threads)]
+    if args.engines == 2:
+        rows_printed += [("1 engine", "continuous", 1, 1), ("2 engines", "continuous", 2, 1)]
+    for name, batching, count, each in rows_printed:
+        seconds, cpu, _ = best[name]
+        rate = tokens / seconds
+        print(f"| {batching} | {count} | {each} | {seconds:.4g} | {cpu:.4g} | {rate:.1f} |")
+    static, continuous = best["static"][0], best["continuous"][0]
     engines = "-"
-    if processes is not None:
-        one, two = best["1 engine"][0], best["2 engines"][0]
-        print(f"| continuous | 1 | 1 | {one:.4g} | {tokens / one:.1f} |")
-        print(f"| continuous | 2 | 1 | {two:.4g} | {tokens / two:.1f} |")
-        engines = f"{one / two:.2f}x"
+    if args.engines == 2:
+        engines = f"{best['1 engine'][0] / best['2 engines'][0]:.2f}x"
     print()
     print(f"continuous batching speed-up: {static / continuous:.2f}x; 2 engines vs 1: {engines}")
 

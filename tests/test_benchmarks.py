@@ -123,6 +123,7 @@ def test_bench_generate_long_tail_tiny_cpu():
         ("continuous", "2", "1"),
     ]
     seconds = [float(r["seconds"]) for r in rows]
+    assert all(float(r["CPU s"]) > 0 for r in rows)
     tokens = float(rows[0]["tokens/s"]) * seconds[0]
     for row, s in zip(rows, seconds, strict=True):
         assert float(row["tokens/s"]) * s == pytest.approx(tokens, rel=1e-3)
