@@ -48,8 +48,8 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     """Per generation request; a timed-out or failed request is retried, then the batch fails."""
     kv_cache_gb: float = 16.0
-    """Embedded engine (and its server): KV cache memory; the rows of a batch that do not fit
-    together are decoded in successive groups."""
+    """Embedded engine (and its server): KV cache memory per engine, as a pool of slots of one
+    row each; rows beyond it wait for a slot (continuous batching)."""
     cuda_graphs: bool = True
     """Embedded engine on CUDA: replay each decode step as a captured CUDA graph."""
 
