@@ -60,6 +60,8 @@ generate() {
     python3 benchmarks/bench_generate.py "${shape[@]}" --batch 256
     python3 benchmarks/bench_generate.py "${shape[@]}" --batch 64
     python3 benchmarks/bench_generate.py "${shape[@]}" --batch 256 --no-cuda-graphs
+    python3 benchmarks/bench_generate.py --long-tail --preset 0.5b --batch 512 --slots 128 \
+        --prompt-len 512 --new-tokens 1024 --engines 1
 }
 
 actor() {

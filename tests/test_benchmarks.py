@@ -104,6 +104,38 @@ def test_bench_generate_tiny_cpu():
     assert float(row["ms/decode step"]) == pytest.approx((seconds - prefill) / 11 * 1e3, rel=1e-3)
 
 
+def test_bench_generate_long_tail_tiny_cpu():
+    """Static vs continuous batching and 1 vs 2 engine processes on the same long-tail rows
+    (the script itself checks that every way gives the same tokens)."""
+    out = run_script(
+        "bench_generate.py",
+        *("--long-tail", "--preset", "tiny", "--batch", "40", "--slots", "4"),
+        *("--prompt-len", "16", "--new-tokens", "40"),
+    )
+    stats = re.search(r"mean ([\d.]+) = ([\d.]+)% of the cap, ([\d.]+)% at the cap", out)
+    mean, share, at_cap = map(float, stats.groups())
+    assert share == pytest.approx(100 * mean / 40, abs=0.2) and 10 < share < 45 and at_cap > 0
+    rows = table(out)
+    assert [(r["batching"], r["engines"], r["threads each"]) for r in rows] == [
+        ("static", "1", "1"),
+        ("continuous", "1", "1"),
+        ("continuous", "1", "1"),
+        ("continuous", "2", "1"),
+    ]
+    seconds = [float(r["seconds"]) for r in rows]
+    assert all(float(r["CPU s"]) > 0 for r in rows)
+    tokens = float(rows[0]["tokens/s"]) * seconds[0]
+    for row, s in zip(rows, seconds, strict=True):
+        assert float(row["tokens/s"]) * s == pytest.approx(tokens, rel=1e-3)
+    last = out.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"continuous batching speed-up: ([\d.]+)x; 2 engines vs 1: ([\d.]+)x", last
+    )
+    assert match, last
+    assert float(match[1]) == pytest.approx(seconds[0] / seconds[1], rel=0.01, abs=0.01)
+    assert float(match[2]) == pytest.approx(seconds[2] / seconds[3], rel=0.01, abs=0.01)
+
+
 def test_generate_rejects_a_single_new_token():
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_generate.py"), "--new-tokens", "1"],

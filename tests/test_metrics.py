@@ -211,6 +211,21 @@ def test_progress_line_format(tmp_path):
     )
 
 
+def test_progress_line_names_a_slow_rollout_engine(tmp_path):
+    log = make_log(tmp_path, total=10, resume_from=10)
+    engines = {
+        "time_rollout_engine0": 1.0,
+        "time_rollout_engine1": 1.2,
+        "time_rollout_engine2": 1.1,
+    }
+    assert log.progress_line(10, {"entropy": 0.5, **engines}) == "iter 10/10 sfpo entropy 0.500"
+    engines["time_rollout_engine2"] = 1.8  # 1.64x the median of the others (1.1 s)
+    assert log.progress_line(10, {"entropy": 0.5, "time_rollout": 2.0, **engines}) == (
+        "iter 10/10 sfpo entropy 0.500 | engine 2 slow 1.6x | rollout 2.0s"
+    )
+    assert log.progress_line(10, {"time_rollout_engine0": 9.0}) == "iter 10/10"
+
+
 def test_progress_line_survives_missing_keys(tmp_path):
     log = make_log(tmp_path, total=10, resume_from=10)  # no iteration run here: no eta
     after_switch = {"sfpo_active": 0.0, "alpha": 0.8, "entropy": 0.5, "note": "text"}

@@ -22,7 +22,8 @@ class RolloutConfig:
     """-1 = off."""
     max_response_length: int = 2560
     engine: Literal["embedded", "servers", "colocated"] = "embedded"
-    """Where rollouts run: ``embedded`` = the policy in rank 0's process
+    """Where rollouts run: ``embedded`` = the policy in the trainer's processes, one engine per
+    ``server_tp`` ranks on that rank's device, each sampling its share of the prompts
     (:mod:`sfpo_megatron.rollout.embedded`), fed by the export stream after every update;
     ``servers`` = SGLang servers (or ``python -m sfpo_megatron.rollout.http_server``) at
     ``server_urls``, fed over a broadcast
@@ -37,7 +38,9 @@ class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
     """Base URLs of the rollout servers; prompts are split evenly across them."""
     server_tp: int = 1
-    """GPUs (TP ranks) of each server: its side of the weight broadcast group."""
+    """GPUs (TP ranks) of each server: its side of the weight broadcast group. Embedded: one
+    engine per this many trainer ranks (1 = every rank generates; the world size = one
+    engine, on rank 0)."""
     sync_port: int = 29900
     """First port of the weight broadcast groups (one per server and pipeline stage)."""
     sync_address: str | None = None
@@ -45,8 +48,8 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     """Per generation request; a timed-out or failed request is retried, then the batch fails."""
     kv_cache_gb: float = 16.0
-    """Embedded engine (and its server): KV cache memory; the rows of a batch that do not fit
-    together are decoded in successive groups."""
+    """Embedded engine (and its server): KV cache memory per engine, as a pool of slots of one
+    row each; rows beyond it wait for a slot (continuous batching)."""
     cuda_graphs: bool = True
     """Embedded engine on CUDA: replay each decode step as a captured CUDA graph."""
     weight_format: Literal["bf16", "fp8"] = "bf16"

@@ -63,8 +63,8 @@ def validate_layout(cfg: Config, arch: ModelShape, world_size: int) -> int:
     dp = data_parallel_size(cfg, world_size)
     r = cfg.rollout
     require(
-        r.engine != "colocated" or world_size % r.server_tp == 0,
-        f"rollout.engine=colocated: rollout.server_tp={r.server_tp} must divide the world size "
+        r.engine == "servers" or world_size % r.server_tp == 0,
+        f"rollout.engine={r.engine}: rollout.server_tp={r.server_tp} must divide the world size "
         f"{world_size} (one engine per server_tp trainer ranks)",
     )
     if t.packing:

@@ -1,11 +1,14 @@
-"""The embedded engine's model: the weights in fused buffers and a static-shape decoder.
+"""The embedded engine's model: the weights in fused buffers and a slot-pool decoder.
 
 Generation is launch-bound when each decode step runs a framework's generic forward (one
 Python call per module, a growing cache, a new mask every step). Here one step is a fixed
-sequence of kernels over preallocated buffers: a KV cache sized once per batch, the token,
-position and slot of the step in small device tensors, and attention over a fixed span of
-the cache (a multiple of :data:`SPAN`, masked). On CUDA each (batch, span) step is captured
-once as a CUDA graph and replayed, so a step costs one launch plus the sampling kernels.
+sequence of kernels over preallocated buffers: a KV cache of ``slots`` rows allocated once,
+each row (slot) holding one sequence from column 0, the token and position of each slot in
+small device tensors, and attention over a fixed span of the cache (a multiple of
+:data:`SPAN`, masked). A slot is refilled with a new prompt as soon as its row is done (see
+:mod:`~sfpo_megatron.rollout.batching`); steps run over the first ``width`` slots. On CUDA
+each (width, span) step is captured once as a CUDA graph and replayed, so a step costs one
+launch; there are few such shapes (widths halve, spans are whole multiples of SPAN).
 
 The arithmetic follows transformers' Qwen2/Qwen3/Llama modules (RMSNorm in fp32, RoPE tables
 in fp32 cast to the model dtype, fp32 softmax), so log-probs agree with the actor's.
@@ -79,32 +82,37 @@ class EngineWeights:
 
 @dataclass
 class _Cache:
-    """Everything one batch's decode steps read and write, allocated once per batch shape
-    (the static inputs and outputs of the captured graphs)."""
+    """Everything the decode steps read and write, allocated once per pool shape (the static
+    inputs and outputs of the captured graphs). Row ``s`` of every tensor is slot ``s``."""
 
     keys: list[torch.Tensor]
-    """Per layer [batch, kv heads, length, head dim]; values alike."""
+    """Per layer [slots, kv heads, length, head dim]; values alike."""
     values: list[torch.Tensor]
     valid: torch.Tensor
-    """[batch, length] bool: positions holding a real token."""
+    """[slots, length] bool: positions holding a real token."""
     token: torch.Tensor
     position: torch.Tensor
-    slot: torch.Tensor
+    """[slots]: the column (= RoPE position) the slot's next token goes to."""
     logits: torch.Tensor
     cos: torch.Tensor
     """[length, head dim] RoPE tables in the model dtype; sin alike."""
     sin: torch.Tensor
-    slot_host: int = 0
-    """The slot of the next step, as the host knows it (no device read per step)."""
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.valid.shape
 
+    def per_slot(self) -> list[torch.Tensor]:
+        """The tensors whose rows move with their slot's sequence."""
+        return [*self.keys, *self.values, self.valid, self.token, self.position, self.logits]
 
-class StaticDecoder:
-    """Prefill a left-padded batch, then decode one token per row per :meth:`step`."""
+
+class SlotDecoder:
+    """A pool of KV-cache slots: :meth:`prefill` puts prompts into chosen slots, :meth:`step`
+    decodes one token in each of the first :attr:`width` slots, :meth:`free` and
+    :meth:`compact` make room. The host mirrors each slot's column, so choosing a step's
+    attention span reads nothing from the device."""
 
     def __init__(self, arch: ModelArch, weights: EngineWeights, cuda_graphs: bool) -> None:
         self.arch, self.w = arch, weights
@@ -113,9 +121,16 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._cache: _Cache | None = None
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.width = 0
+        """Decode steps run over slots [0, width)."""
+        self._steps = 0
+        self._origin: dict[int, int] = {}
+        """Each live slot's column minus the steps taken so far (no per-step host update)."""
+        self._furthest = 0
+        """The largest origin: the furthest column is ``_furthest + _steps``."""
 
     def kv_bytes(self, rows: int, positions: int) -> int:
-        """Bytes of the KV cache :meth:`prefill` allocates for ``rows`` x ``positions``."""
+        """Bytes of the KV cache :meth:`reserve` allocates for ``rows`` x ``positions``."""
         a, length = self.arch, _spans(positions)
         per_position = 2 * a.num_layers * a.num_query_groups * a.head_dim * self.dtype.itemsize
         return rows * length * per_position
@@ -124,140 +139,167 @@ class StaticDecoder:
         """Free the KV cache and the graphs captured over it."""
         self._cache = None
 
-    def prefill(self, prompts: list[list[int]], steps: int) -> torch.Tensor:
-        """Write the prompts' keys and values into a cache of ``max prompt + steps`` positions
-        (rows with equal prompts are computed once) and return each row's next-token logits."""
+    def reserve(self, slots: int, positions: int) -> None:
+        """Make ``slots`` empty slots of at least ``positions`` positions each, reusing the
+        cache (and its graphs) when it has exactly as many slots and is long enough."""
+        old = self._cache
+        if old is None or old.shape[0] != slots or old.shape[1] < positions:
+            self._cache = None
+            self._cache = self._allocate(slots, _spans(positions))
+        self._cache.valid.zero_()
+        self._cache.position.zero_()
+        self.width = slots
+        self._steps, self._origin, self._furthest = 0, {}, 0
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[width, vocab]: each slot's next-token logits, from its prefill or the last step
+        (a buffer overwritten by the next step)."""
+        return self._cache.logits[: self.width]
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
+        """Write the prompts' keys and values into ``slots`` from column 0 (equal prompts are
+        computed once) and their next-token logits into :attr:`logits`."""
+        cache, dev = self._cache, self.device
         width = max(len(p) for p in prompts)
-        cache = self._cache_for(len(prompts), width + steps)
-        cache.valid.zero_()
         unique = list(dict.fromkeys(map(tuple, prompts)))
         unique_index = {prompt: i for i, prompt in enumerate(unique)}
-        row_prompt = torch.tensor([unique_index[tuple(p)] for p in prompts], device=self.device)
-        logits = torch.empty(len(prompts), self.arch.vocab_size, device=self.device)
+        row_prompt = torch.tensor([unique_index[tuple(p)] for p in prompts], device=dev)
+        slot_index = torch.tensor(slots, device=dev)
         chunk = max(1, PREFILL_TOKENS // width)
         for begin in range(0, len(unique), chunk):
             part = unique[begin : begin + chunk]
             rows = ((row_prompt >= begin) & (row_prompt < begin + len(part))).nonzero()[:, 0]
             source = row_prompt[rows] - begin
-            chunk_logits = self._prefill_chunk(cache, part, width, rows, source)
-            logits[rows] = chunk_logits[source].float()
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        cache.valid[:, :width] = torch.arange(width, device=self.device) >= width - lengths[:, None]
-        cache.position.copy_(lengths)
-        cache.slot.fill_(width)
-        cache.slot_host = width
-        return logits
+            chunk_logits = self._prefill_chunk(cache, part, width, slot_index[rows], source)
+            cache.logits.index_copy_(0, slot_index[rows], chunk_logits[source])
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        columns = torch.arange(cache.shape[1], device=dev)
+        cache.valid.index_copy_(0, slot_index, columns < lengths[:, None])
+        cache.position.index_copy_(0, slot_index, lengths)
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self._origin[slot] = len(prompt) - self._steps
+        self._furthest = max(self._origin.values())
+
+    def free(self, slots: list[int]) -> None:
+        """Done with these slots' sequences. A free slot inside the width still takes steps
+        (on garbage) from column 0, so its column stays within the cache."""
+        index = torch.tensor(slots, device=self.device)
+        self._cache.valid.index_fill_(0, index, False)
+        self._cache.position.index_fill_(0, index, 0)
+        for slot in slots:
+            self._origin.pop(slot, None)
+        self._furthest = max(self._origin.values(), default=-self._steps)
+
+    def compact(self, order: list[int]) -> None:
+        """Move slot ``order[i]`` to slot ``i`` and decode only those: width = len(order)."""
+        index = torch.tensor(order, device=self.device)
+        for tensor in self._cache.per_slot():
+            tensor[: len(order)] = tensor[index]
+        self._origin = {i: self._origin[s] for i, s in enumerate(order) if s in self._origin}
+        self.width = len(order)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed each row's last token (at the slot after the previous one) and return the
-        next-token logits [batch, vocab] (a buffer overwritten by the next step)."""
-        cache = self._cache
-        slot = cache.slot_host
-        cache.token.copy_(tokens)
-        cache.valid[:, slot] = True
-        span = min(cache.shape[1], _spans(slot + 1))
+        """Feed each slot's last token [width] at its column and return the next-token logits
+        [width, vocab] (a buffer overwritten by the next step)."""
+        cache, width = self._cache, self.width
+        span = min(cache.shape[1], _spans(self._furthest + self._steps + 1))
+        cache.token[:width].copy_(tokens)
         if self.cuda_graphs:
-            self._replay(cache, span)
+            self._replay(cache, width, span)
         else:
-            self._step(cache, span)
-        cache.position.add_(1)
-        cache.slot.add_(1)
-        cache.slot_host = slot + 1
-        return cache.logits
+            self._step(cache, width, span)
+        cache.position[:width].add_(1)
+        self._steps += 1
+        return cache.logits[:width]
 
-    def _cache_for(self, batch: int, length: int) -> _Cache:
-        """Reuse the cache (and its graphs) when the batch matches and it is long enough."""
-        old = self._cache
-        if old is not None and old.shape[0] == batch and old.shape[1] >= length:
-            return old
-        self._cache = None
-        length = _spans(length)
+    def _allocate(self, slots: int, length: int) -> _Cache:
         a, dev = self.arch, self.device
-        kv = (batch, a.num_query_groups, length, a.head_dim)
+        kv = (slots, a.num_query_groups, length, a.head_dim)
         positions = torch.arange(length, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(a)).repeat(1, 2)
-        cache = _Cache(
+        return _Cache(
             keys=[torch.zeros(kv, device=dev, dtype=self.dtype) for _ in range(a.num_layers)],
             values=[torch.zeros(kv, device=dev, dtype=self.dtype) for _ in range(a.num_layers)],
-            valid=torch.zeros(batch, length, dtype=torch.bool, device=dev),
-            token=torch.zeros(batch, dtype=torch.long, device=dev),
-            position=torch.zeros(batch, dtype=torch.long, device=dev),
-            slot=torch.zeros(1, dtype=torch.long, device=dev),
-            logits=torch.zeros(batch, a.vocab_size, device=dev, dtype=self.dtype),
+            valid=torch.zeros(slots, length, dtype=torch.bool, device=dev),
+            token=torch.zeros(slots, dtype=torch.long, device=dev),
+            position=torch.zeros(slots, dtype=torch.long, device=dev),
+            logits=torch.zeros(slots, a.vocab_size, device=dev, dtype=self.dtype),
             cos=angles.cos().to(dev, self.dtype),
             sin=angles.sin().to(dev, self.dtype),
         )
-        self._cache = cache
-        return cache
 
     def _prefill_chunk(
         self,
         cache: _Cache,
         prompts: list[tuple[int, ...]],
         width: int,
-        rows: torch.Tensor,
+        slots: torch.Tensor,
         source: torch.Tensor,
     ) -> torch.Tensor:
-        """Full forward of left-padded ``prompts``; their keys/values go to cache ``rows``
-        (``source`` = which prompt each row has). Returns the last position's logits."""
+        """Full forward of right-padded ``prompts``; their keys/values go to cache ``slots``
+        (``source`` = which prompt each slot has). Returns each prompt's last-token logits."""
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-        lengths = torch.tensor([len(p) for p in prompts])[:, None]
-        real = (torch.arange(width) >= width - lengths).to(self.device)
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        # A padding query sees itself, so no row of the mask is empty (its output is unused).
-        mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=self.device)
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        positions = torch.arange(width, device=self.device)
+        # Causal: a real query sees only real keys (the padding comes after every real token).
+        mask = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         groups = self.arch.num_attention_heads // self.arch.num_query_groups
         x = self.w.views["model.embed_tokens.weight"][ids.to(self.device)]
         for layer in range(self.arch.num_layers):
             q, k, v = self._qkv(layer, x, cache.cos[positions], cache.sin[positions])
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            cache.keys[layer][:, :, :width].index_copy_(0, rows, k[source])
-            cache.values[layer][:, :, :width].index_copy_(0, rows, v[source])
+            cache.keys[layer][:, :, :width].index_copy_(0, slots, k[source])
+            cache.values[layer][:, :, :width].index_copy_(0, slots, v[source])
             # Keys repeated per query head: every SDPA backend that takes a mask accepts it.
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.repeat_interleave(groups, dim=1),
                 v.repeat_interleave(groups, dim=1),
-                attn_mask=mask[:, None],
+                attn_mask=mask,
             )
             x = self._finish_layer(layer, x, out.transpose(1, 2).flatten(2))
-        return self._logits(x[:, -1])
+        return self._logits(x[torch.arange(len(prompts), device=self.device), last])
 
-    def _step(self, cache: _Cache, span: int) -> None:
-        """One decode step for every row, reading only device buffers (graph-capturable)."""
+    def _step(self, cache: _Cache, width: int, span: int) -> None:
+        """One decode step for slots [0, width), reading only device buffers (graph-capturable):
+        each slot's key and value go to its own column, which becomes valid."""
         a = self.arch
-        x = self.w.views["model.embed_tokens.weight"][cache.token]
-        cos, sin = cache.cos[cache.position], cache.sin[cache.position]
+        position = cache.position[:width]
+        x = self.w.views["model.embed_tokens.weight"][cache.token[:width]]
+        cos, sin = cache.cos[position], cache.sin[position]
         groups = a.num_attention_heads // a.num_query_groups
+        column = position.view(width, 1, 1, 1).expand(width, a.num_query_groups, 1, a.head_dim)
+        valid = cache.valid[:width].scatter_(1, position[:, None], True)
         for layer in range(a.num_layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            cache.keys[layer].index_copy_(2, cache.slot, k[:, :, None])
-            cache.values[layer].index_copy_(2, cache.slot, v[:, :, None])
+            keys, values = cache.keys[layer][:width], cache.values[layer][:width]
+            keys.scatter_(2, column, k[:, :, None])
+            values.scatter_(2, column, v[:, :, None])
             # The query heads of a group act as that group's query positions: no GQA expansion.
             out = F.scaled_dot_product_attention(
-                q.view(len(q), a.num_query_groups, groups, a.head_dim),
-                cache.keys[layer][:, :, :span],
-                cache.values[layer][:, :, :span],
-                attn_mask=cache.valid[:, None, None, :span],
+                q.view(width, a.num_query_groups, groups, a.head_dim),
+                keys[:, :, :span],
+                values[:, :, :span],
+                attn_mask=valid[:, None, None, :span],
             )
             x = self._finish_layer(layer, x, out.flatten(1))
-        cache.logits.copy_(self._logits(x))
+        cache.logits[:width].copy_(self._logits(x))
 
-    def _replay(self, cache: _Cache, span: int) -> None:
-        graph = cache.graphs.get(span)
+    def _replay(self, cache: _Cache, width: int, span: int) -> None:
+        graph = cache.graphs.get((width, span))
         if graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step(cache, span)  # warm-up: same inputs, same writes as the replay
+                self._step(cache, width, span)  # warm-up: same inputs, same writes as the replay
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step(cache, span)
-            cache.graphs[span] = graph
+                self._step(cache, width, span)
+            cache.graphs[width, span] = graph
         graph.replay()
 
     def _qkv(

@@ -1,5 +1,7 @@
-"""Sampling and scoring for the trainer: the engine, the tokenizer's decode and the reward
-processes live on global rank 0; every rank receives the same scored samples."""
+"""Sampling and scoring for the trainer: the samples end up on global rank 0 (generated there,
+or by engines on several ranks: :mod:`~sfpo_megatron.rollout.engine_group`), where the
+tokenizer's decode and the reward processes live; every rank receives the same scored
+samples."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import TypeVar
 
 from sfpo_megatron.algorithms.experience import ScoredGroups
 from sfpo_megatron.common.errors import ConfigError, RolloutError
-from sfpo_megatron.common.samples import RolloutEngine, SamplingParams
+from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.data.prompts import BatchItem, PromptRecord
 from sfpo_megatron.data.rewards import (
     REWARD_SIGNATURE,
@@ -19,6 +21,7 @@ from sfpo_megatron.data.rewards import (
     probe_reward_fn,
 )
 from sfpo_megatron.launch.parallel import on_lead
+from sfpo_megatron.rollout.engine_group import Generation, Rollouts
 
 T = TypeVar("T")
 
@@ -53,33 +56,50 @@ def check_reward_fn(spec: str, fn: RewardFn, timeout_s: float, record: PromptRec
 class RolloutScorer:
     """Generates ``n`` samples per prompt and scores them against the reference answers.
 
-    Only rank 0 holds ``engine``, ``decode`` and ``rewards`` (None elsewhere); :meth:`sample` is
-    collective and returns identical results on every rank.
+    ``generate`` is called on every rank; only rank 0 holds ``decode`` and ``rewards`` (None
+    elsewhere); :meth:`sample` is collective and returns identical results on every rank.
     """
 
     def __init__(
         self,
-        engine: RolloutEngine | None,
+        generate: Generation,
         decode: Callable[[list[int]], str] | None,
         rewards: RewardComputer | None,
         recover: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.engine, self.decode, self.rewards = engine, decode, rewards
+        self.generate, self.decode, self.rewards = generate, decode, rewards
         self.recover = recover
 
     def sample(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
-        """Collective. A rollout failure on rank 0 reaches every rank (none is left waiting for
-        samples that never come); the batch is sampled once more if ``recover()`` (collective)
-        brought the engine back, else :class:`RolloutError` is raised everywhere."""
-        return retried(lambda: on_lead(lambda: self._sample_here(items, params)), self.recover)
+        """Collective. A rollout failure on any engine reaches every rank (none is left waiting
+        for samples that never come); the batch is sampled once more if ``recover()``
+        (collective) brought the engines back, else :class:`RolloutError` is raised everywhere."""
+        return retried(lambda: self._sample_once(items, params), self.recover)
 
-    def _sample_here(
+    def sample_on_lead(
+        self, items: list[BatchItem], params: SamplingParams
+    ) -> tuple[ScoredGroups, dict[str, float]]:
+        """What :meth:`sample` returns, made by global rank 0 alone (no collective), for
+        engines rank 0 drives alone (rollout servers): the off-policy loop samples the next
+        batch this way in a thread while every rank trains."""
+        start = time.perf_counter()
+        return self._score(
+            items, params, self.generate([ids for _, ids, _ in items], params), start
+        )
+
+    def _sample_once(
         self, items: list[BatchItem], params: SamplingParams
     ) -> tuple[ScoredGroups, dict[str, float]]:
         start = time.perf_counter()
-        samples = self.engine.generate([ids for _, ids, _ in items], params)
+        rollouts = self.generate([ids for _, ids, _ in items], params)
+        return on_lead(lambda: self._score(items, params, rollouts, start))
+
+    def _score(
+        self, items: list[BatchItem], params: SamplingParams, rollouts: Rollouts, start: float
+    ) -> tuple[ScoredGroups, dict[str, float]]:
+        samples, engine_stats = rollouts()
         generated = time.perf_counter()
         records = [items[s.prompt_index][2] for s in samples]
         rewards, counts = self.rewards.score(
@@ -91,6 +111,7 @@ class RolloutScorer:
             "time_rollout": generated - start,
             "time_reward": time.perf_counter() - generated,
             "generated_tokens": float(sum(len(s.output_ids) for s in samples)),
+            **engine_stats,
             **{key: float(value) for key, value in counts.items()},
         }
         return ScoredGroups(samples, rewards, params.n), stats

@@ -1,27 +1,44 @@
-"""Weight sync into an engine living in global rank 0's process (the embedded default).
+"""Weight sync into the embedded engines living in the trainer's own processes (one per
+``rollout.server_tp`` ranks, or one on global rank 0).
 
-Every rank walks the export stream (its TP gathers are collectives); rank 0 loads its own
-pipeline stage's buckets and receives every other stage's from that stage's (TP 0, DP 0)
-rank, then hands all of them to the engine in one update with the new version.
+Every rank walks the export stream of its pipeline stage (its TP gathers are collectives);
+with PP > 1 each stage's buckets are broadcast over the pipeline group, one stage after the
+other, so every rank sees every bucket and a rank with an engine streams them straight into
+it. Then every engine's new version is checked on every rank: a refused bucket or a wrong
+version fails the sync on all of them with :class:`RolloutError` (none is left waiting).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from sfpo_megatron.common.errors import RolloutError
 from sfpo_megatron.common.samples import RolloutEngine
-from sfpo_megatron.hf.export import SYNC_BUCKET_MB, Bucket, export_stream, stage_leader
+from sfpo_megatron.hf.export import SYNC_BUCKET_MB, Bucket, export_stream
 from sfpo_megatron.models.arch import ModelArch
 
 
-def _stage_senders() -> list[int]:
-    """Global rank of each pipeline stage's leader (see ``stage_leader``), by stage."""
-    led: list = [None] * dist.get_world_size()
-    mine = parallel_state.get_pipeline_model_parallel_rank() if stage_leader() else None
-    dist.all_gather_object(led, mine)
+def every_stage_buckets(
+    chunks: list, arch: ModelArch, bucket_mb: float, weight_format: str = "bf16"
+) -> Iterator[Bucket]:
+    """Collective: the whole model's buckets, stage after stage, on every rank."""
     stages = parallel_state.get_pipeline_model_parallel_world_size()
-    return [led.index(stage) for stage in range(stages)]
+    if stages == 1:
+        yield from export_stream(chunks, arch, bucket_mb, weight_format)
+        return
+    own = parallel_state.get_pipeline_model_parallel_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    for stage in range(stages):
+        stream = export_stream(chunks, arch, bucket_mb, weight_format) if stage == own else None
+        while True:
+            item = [None if stream is None else next(stream, None)]
+            dist.broadcast_object_list(item, group=group, group_src=stage)
+            if item[0] is None:
+                break
+            yield item[0]
 
 
 def sync_in_process(
@@ -32,27 +49,21 @@ def sync_in_process(
     bucket_mb: float = SYNC_BUCKET_MB,
     weight_format: str = "bf16",
 ) -> None:
-    """Collective over all ranks; ``engine`` is used on global rank 0 only (None elsewhere)."""
-    rank = dist.get_rank()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    senders = _stage_senders()
-    collected: list[Bucket] = []
-    for bucket in export_stream(chunks, arch, bucket_mb, weight_format):
-        if rank == 0:
-            collected.append(bucket)
-        elif stage > 0 and rank == senders[stage]:
-            dist.send_object_list([bucket], dst=0)
-    if rank == senders[stage] and stage > 0:
-        dist.send_object_list([None], dst=0)
-    if rank == 0:
-        for sender in senders[1:]:
-            while True:
-                received: list = [None]
-                dist.recv_object_list(received, src=sender)
-                if received[0] is None:
-                    break
-                collected.append(received[0])
-        if engine is None:
-            raise ValueError("sync_in_process: global rank 0 needs the engine")
-        engine.update_weights(collected, version)
-    dist.barrier()
+    """Collective over all ranks; ``engine`` is this rank's engine (None on ranks without
+    one). Raises :class:`RolloutError` on every rank if any engine failed to take ``version``."""
+    stream = every_stage_buckets(chunks, arch, bucket_mb, weight_format)
+    error = None
+    if engine is not None:
+        try:
+            engine.update_weights(stream, version)
+            if engine.weight_version() != version:
+                error = f"it serves version {engine.weight_version()}"
+        except (ValueError, RuntimeError) as failure:
+            error = str(failure)
+    for _ in stream:  # the rest of the collectives, after a failure or without an engine
+        pass
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [f"engine on rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RolloutError(f"weight sync (version {version}) failed: {'; '.join(failed)}")

@@ -117,7 +117,7 @@ def build_run(cfg: Config, arch: ModelArch, hf_weights: HFCheckpoint | None) -> 
             return inputs.tokenizer.decode(ids, skip_special_tokens=True)
 
         scorer = RolloutScorer(
-            rollout.engine, decode if rank0 else None, rewards, rollout.recover_rollouts
+            rollout.generation, decode if rank0 else None, rewards, rollout.recover_rollouts
         )
         train_checkpoints = None
         if cfg.checkpoint.dir:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +45,11 @@ STATS = (
     ("tokens_per_s", "tok/s", ".0f"),
 )
 EVAL_PREFIX = "eval/"
+ENGINE_TIME = "time_rollout_engine"
+"""Prefix of each rollout engine's generation seconds (``time_rollout_engine<e>``)."""
+SLOW_ENGINE = 1.5
+"""An engine that took at least this many times the median of the others' rollout time is
+named in the progress line."""
 
 
 class MetricsFileError(ValueError):
@@ -89,6 +95,21 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def slow_engine(metrics: dict[str, float]) -> str | None:
+    """``engine 3 slow 2.1x`` when one rollout engine took at least :data:`SLOW_ENGINE` times
+    the median of the other engines' time."""
+    times = {
+        k.removeprefix(ENGINE_TIME): v for k, v in metrics.items() if k.startswith(ENGINE_TIME)
+    }
+    if len(times) < 2:
+        return None
+    slowest = max(times, key=times.__getitem__)
+    others = statistics.median(v for k, v in times.items() if k != slowest)
+    if others <= 0 or times[slowest] < SLOW_ENGINE * others:
+        return None
+    return f"engine {slowest} slow {times[slowest] / others:.1f}x"
 
 
 class MetricsLog:
@@ -199,7 +220,8 @@ class MetricsLog:
         if done > 0 and iteration < self.total:
             per_iteration = (time.perf_counter() - self.start) / done
             tail.append(f"eta {format_duration(per_iteration * (self.total - iteration))}")
-        sections = (head, ["eval", *evals] if evals else [], phases, tail)
+        slow = slow_engine(m)
+        sections = (head, ["eval", *evals] if evals else [], [slow] if slow else [], phases, tail)
         return " | ".join(" ".join(section) for section in sections if section)
 
     def close(self) -> None:

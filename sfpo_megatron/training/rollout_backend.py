@@ -1,9 +1,11 @@
 """The three ways a run gets rollouts, each with its weight sync and memory hand-off, behind
-one small interface: ``engine`` (rank 0's sampler), ``sync``, ``release`` (before training),
-``restart_dead_servers`` (after a rollout failure) and ``close``; and :class:`RolloutLink`, the
-backend as a run uses it, which retries after a restart.
+one small interface: ``generation`` (the collective sampler), ``sync``, ``release`` (before
+training), ``restart_dead_servers`` (after a rollout failure) and ``close``; and
+:class:`RolloutLink`, the backend as a run uses it, which retries after a restart.
 
-- embedded: the embedded engine in global rank 0's process, synced in process;
+- embedded: an embedded engine in the process of every ``server_tp``-th rank, on its device,
+  each generating its share of the prompts, synced in process, its memory released while the
+  trainer trains;
 - servers: SGLang servers started elsewhere (disaggregated), synced by broadcast groups;
 - colocated: one server per ``server_tp`` trainer ranks, launched here on those ranks'
   devices, synced through IPC handles, its memory released while the trainer trains.
@@ -26,6 +28,7 @@ from sfpo_megatron.launch.parallel import free_port
 from sfpo_megatron.models.arch import ModelArch, hf_directory
 from sfpo_megatron.models.gpt import DTYPES
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.engine_group import EngineGroup, LeadEngine
 from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command, sglang_command
 from sfpo_megatron.rollout.scoring import retried
 from sfpo_megatron.rollout.server_pool import ServerPool
@@ -41,10 +44,13 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedBackend:
+    """Engine ``e`` on global rank ``e * server_tp``."""
+
     def __init__(self, cfg: Config, arch: ModelArch, device: torch.device) -> None:
         self.arch, self.engine = arch, None
         self.weight_format = cfg.rollout.weight_format
-        if dist.get_rank() == 0:
+        step = cfg.rollout.server_tp
+        if dist.get_rank() % step == 0:
             self.engine = EmbeddedEngine(
                 hf_directory(cfg.model.hf_config),
                 device,
@@ -52,6 +58,7 @@ class EmbeddedBackend:
                 kv_cache_gb=cfg.rollout.kv_cache_gb,
                 cuda_graphs=cfg.rollout.cuda_graphs,
             )
+        self.generation = EngineGroup(self.engine, list(range(0, dist.get_world_size(), step)))
 
     def sync(self, chunks: list, version: int) -> None:
         sync_in_process(chunks, self.arch, self.engine, version, weight_format=self.weight_format)
@@ -59,7 +66,7 @@ class EmbeddedBackend:
             self.engine.resume_memory()
 
     def release(self) -> None:
-        """On CUDA the engine's weights wait in host memory while the actor trains."""
+        """On CUDA the engines' weights wait in host memory while the actor trains."""
         if self.engine is not None:
             self.engine.release_memory()
 
@@ -80,6 +87,7 @@ class ServersBackend:
         if dist.get_rank() == 0:
             self.engine = ServerPool(clients)
             self.engine.wait_healthy(cfg.parallel.timeout_s)
+        self.generation = LeadEngine(self.engine)
         self.push = DistributedSync(
             clients,
             r.sync_address or socket.gethostname(),
@@ -122,6 +130,7 @@ class ColocatedBackend:
         clients = [SGLangClient(u, r.request_timeout_s) for u in urls if u is not None]
         if rank == 0:
             self.engine = ServerPool(clients)
+        self.generation = LeadEngine(self.engine)
         self.push = ColocatedSync(clients, r.server_tp, weight_format=r.weight_format)
 
     def sync(self, chunks: list, version: int) -> None:
@@ -206,7 +215,7 @@ class RolloutLink:
 
     def __init__(self, backend: Backend, actor: Actor) -> None:
         self.backend, self.actor = backend, actor
-        self.engine = backend.engine
+        self.generation = backend.generation
         self.version = 0
         """The weight version the engine serves: the last one synced."""
 

@@ -1,5 +1,6 @@
-"""Rollouts from the embedded engine fed by the Megatron actor's export stream (in-process
-sync), scored again by the actor: rank 0 reports both log-probs of every sampled token.
+"""Rollouts from embedded engines on every rank fed by the Megatron actor's export stream
+(in-process sync), each sampling half of the prompts, scored again by the actor: rank 0
+reports both log-probs of every sampled token.
 
 Usage: torchrun --nproc_per_node N rollout_worker.py REPORT.pt key=value ...
 """
@@ -12,10 +13,11 @@ import torch.distributed as dist
 from sfpo_megatron.policy.actor import Actor
 from sfpo_megatron.policy.batch import PolicyBatch
 from sfpo_megatron.config import load_config
-from sfpo_megatron.launch.parallel import shutdown
+from sfpo_megatron.launch.parallel import on_lead, shutdown
 from sfpo_megatron.models.arch import hf_directory
 from sfpo_megatron.common.samples import SamplingParams
 from sfpo_megatron.rollout.embedded import EmbeddedEngine
+from sfpo_megatron.rollout.engine_group import EngineGroup
 from sfpo_megatron.sync.in_process import sync_in_process
 from sfpo_megatron.training.preflight import launch_checked
 
@@ -25,15 +27,13 @@ def main():
     cfg = load_config(None, overrides)
     arch, checkpoint = launch_checked(cfg)
     actor = Actor.build(cfg, arch, checkpoint)
-    engine = EmbeddedEngine(hf_directory(cfg.model.hf_config)) if dist.get_rank() == 0 else None
+    engine = EmbeddedEngine(hf_directory(cfg.model.hf_config))
     sync_in_process(actor.chunks, arch, engine, version=1, bucket_mb=0.05)
-    samples = [None]
-    if dist.get_rank() == 0:
-        prompts = [[5, 17, 42], [7, 8, 9, 10, 11], [99], [3, 4]]
-        params = SamplingParams(n=2, temperature=cfg.rollout.temperature, top_p=0.9,
-                                max_new_tokens=6, seed=0)
-        samples = [engine.generate(prompts, params)]
-    dist.broadcast_object_list(samples, src=0)
+    prompts = [[5, 17, 42], [7, 8, 9, 10, 11], [99], [3, 4]]
+    params = SamplingParams(n=2, temperature=cfg.rollout.temperature, top_p=0.9,
+                            max_new_tokens=6, seed=0)
+    rollouts = EngineGroup(engine, list(range(dist.get_world_size())))(prompts, params)
+    samples = [on_lead(lambda: rollouts()[0])]
     rows = [s.prompt_ids + s.output_ids for s in samples[0]]
     width = max(map(len, rows))
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
