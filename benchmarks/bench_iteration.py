@@ -11,12 +11,24 @@ its update into snapshot, fast passes, reposition and slow pass.
     python benchmarks/bench_iteration.py --preset 0.5b --prompts 32 --samples 8 \\
         --prompt-len 256 --response-len 1024 --micro-batch-size 4
     python benchmarks/bench_iteration.py --preset tiny --prompts 4 --samples 2 --iterations 2
+
+With ``--off-policy 1`` it measures the overlap of rollouts with training instead
+(``train.off_policy_steps``): the rollouts come from the embedded engine's HTTP server in a
+process of its own (``rollout.engine: servers``), the trainer runs in another, each at one
+thread on the CPU, and every algorithm runs with 0 and with 1 step off-policy. It prints each
+run's seconds per iteration, its phases, the rollout share of the sequential SFPO iteration
+and the overlap (sum of the phases / wall-clock); the last line is the speed-up. Sizes left
+out default to ones whose rollout phase is about half of a sequential SFPO iteration on the
+2-core CPU:
+
+    python benchmarks/bench_iteration.py --off-policy 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -33,6 +45,7 @@ REWARD = '''def parity(response, answer, source):
     """Random-looking but deterministic: groups are rarely uniform, so advantages are not 0."""
     return float(sum(map(len, response.split())) % 2)
 '''
+OVERLAP_PHASES = ("time_rollout", "time_reward", "time_old_logprobs", "time_update", "time_sync")
 # (label, metric); SFPO's fast passes are shown without the snapshot.
 PHASES = [
     ("rollout", "time_rollout"),
@@ -47,22 +60,37 @@ PHASES = [
 ]
 
 
+SIZES = dict(
+    prompts=32, samples=8, prompt_len=256, response_len=1024, micro_batch_size=4, iterations=4
+)
+OFF_POLICY_SIZES = dict(
+    prompts=8, samples=4, prompt_len=16, response_len=48, micro_batch_size=4, iterations=6
+)
+"""The overlap comparison's defaults: a rollout phase of about half a sequential SFPO
+iteration with the tiny preset on the 2-core CPU."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_shape_args(parser)
-    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
-    parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--response-len", type=int, default=1024)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--prompts", type=int, help="prompts per iteration")
+    parser.add_argument("--samples", type=int, help="samples per prompt")
+    parser.add_argument("--prompt-len", type=int)
+    parser.add_argument("--response-len", type=int)
+    parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per pass")
-    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--iterations", type=int)
     parser.add_argument("--warmup", type=int, default=1, help="first iterations left out")
+    parser.add_argument("--off-policy", type=int, choices=[0, 1], default=0)
     parser.add_argument("--out", type=Path, default=None, help="run directories (default: tmp)")
     parser.add_argument("overrides", nargs="*", help="more key=value config overrides")
     args = parser.parse_args(argv)
+    sizes = OFF_POLICY_SIZES if args.off_policy else SIZES
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.iterations <= args.warmup:
         parser.error("--iterations must exceed --warmup")
     if args.prompts % args.mini_batches:
@@ -148,20 +176,71 @@ def phase_means(directory: Path, warmup: int) -> dict[str, float]:
     return means
 
 
+def train_with_server(config: Path, directory: Path, overrides: list[str]) -> None:
+    """One training run whose rollouts come from an embedded-engine server process (both at
+    one thread)."""
+    from sfpo_megatron.launch.parallel import free_port
+    from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = embedded_command(str(config.parent), port)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the server process's environment is this one's
+    server = ServerProcess(command, url, directory / "server.log", 120, request_timeout_s=600)
+    server.start()
+    try:
+        servers = [
+            "rollout.engine=servers",
+            f"rollout.server_urls=[{url}]",
+            "rollout.sync_address=127.0.0.1",
+            f"rollout.sync_port={free_port()}",
+        ]
+        command = [sys.executable, "-m", "sfpo_megatron.cli", "train", str(config)]
+        command += [f"logging.output_dir={directory}", *servers, *overrides]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    finally:
+        server.stop()
+
+
+def compare_off_policy(args: argparse.Namespace, config: Path, out: Path) -> None:
+    """Each algorithm with 0 and 1 step off-policy, rollouts from a server process."""
+    means = {}
+    for algorithm in ("sfpo", "grpo"):
+        for steps in (0, 1):
+            directory = out / f"{algorithm}_off_policy_{steps}"
+            overrides = [f"algorithm.name={algorithm}", f"train.off_policy_steps={steps}"]
+            train_with_server(config, directory, overrides + args.overrides)
+            means[algorithm, steps] = phase_means(directory, args.warmup)
+    sequential = means["sfpo", 0]
+    share = sequential["time_rollout"] / sequential["seconds"]
+    print(f"rollout phase of a sequential SFPO iteration: {100 * share:.1f}%")
+    print()
+    print(
+        "| run | s/iteration | rollout s | reward s | old log-probs s | update s | sync s "
+        "| waited for rollouts s | overlap |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (algorithm, steps), m in means.items():
+        phases = [m.get(key, 0.0) for key in OVERLAP_PHASES]
+        print(
+            f"| {algorithm.upper()}, off_policy_steps={steps} | {m['seconds']:.3f} | "
+            + " | ".join(f"{p:.3f}" for p in phases)
+            + f" | {m.get('time_rollout_wait', 0.0):.3f} | {sum(phases) / m['seconds']:.2f} |"
+        )
+    speedups = {a: means[a, 0]["seconds"] / means[a, 1]["seconds"] for a in ("sfpo", "grpo")}
+    print(
+        f"off-policy overlap speed-up: {speedups['sfpo']:.2f}x (SFPO), "
+        f"{speedups['grpo']:.2f}x (GRPO)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     shape = shape_from_args(args)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_iteration_"))
     out.mkdir(parents=True, exist_ok=True)
     config = write_task(args, shape.vocab, out)
-    means = {}
-    for algorithm in ("grpo", "sfpo"):
-        directory = out / algorithm
-        command = [sys.executable, "-m", "sfpo_megatron.cli", "train", str(config)]
-        command += [f"algorithm.name={algorithm}", f"logging.output_dir={directory}"]
-        subprocess.run(command + args.overrides, check=True, stdout=subprocess.DEVNULL)
-        means[algorithm] = phase_means(directory, args.warmup)
-
     print(f"device: {device_name()}, torch {torch.__version__}")
     print(f"model: preset {args.preset} {shape}, dtype {resolve_dtype(args.dtype)}")
     print(
@@ -170,6 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         f"optimizer steps per pass, micro-batches of {args.micro_batch_size}; means over "
         f"iterations {args.warmup + 1}-{args.iterations}; runs in {out}"
     )
+    if args.off_policy:
+        compare_off_policy(args, config, out)
+        return
+    means = {}
+    for algorithm in ("grpo", "sfpo"):
+        directory = out / algorithm
+        command = [sys.executable, "-m", "sfpo_megatron.cli", "train", str(config)]
+        command += [f"algorithm.name={algorithm}", f"logging.output_dir={directory}"]
+        subprocess.run(command + args.overrides, check=True, stdout=subprocess.DEVNULL)
+        means[algorithm] = phase_means(directory, args.warmup)
+
     print()
     print("| phase | GRPO ms | SFPO ms | % of SFPO iteration |")
     print("|---|---:|---:|---:|")

@@ -3,6 +3,7 @@ their tables agree with the formulas their output states."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -170,6 +171,46 @@ def test_bench_iteration_tiny_cpu(tmp_path):
     for algorithm in ("grpo", "sfpo"):
         assert (tmp_path / algorithm / "metrics.jsonl").is_file()
     assert "SFPO's own cost (snapshot + reposition):" in out
+
+
+def test_bench_iteration_off_policy_tiny_cpu(tmp_path):
+    """0 and 1 step off-policy for both algorithms, rollouts from a server process: one row
+    each, the overlap is the sum of the phases over the wall-clock, and the last line is the
+    speed-up of the rows' seconds."""
+    out = run_script(
+        "bench_iteration.py",
+        *("--off-policy", "1", "--prompts", "2", "--samples", "2", "--prompt-len", "4"),
+        *("--response-len", "4", "--iterations", "3", "--micro-batch-size", "2"),
+        *("--out", str(tmp_path)),
+    )
+    rows = {row["run"]: row for row in table(out)}
+    assert list(rows) == [f"{a}, off_policy_steps={s}" for a in ("SFPO", "GRPO") for s in (0, 1)]
+    phases = ["rollout s", "reward s", "old log-probs s", "update s", "sync s"]
+    for name, row in rows.items():
+        seconds = float(row["s/iteration"])
+        overlap = sum(float(row[p]) for p in phases) / seconds
+        assert float(row["overlap"]) == pytest.approx(overlap, abs=0.01 + 0.003 / seconds)
+        waited = float(row["waited for rollouts s"])
+        assert waited == 0 if name.endswith("=0") else waited >= 0
+    share = re.search(r"rollout phase of a sequential SFPO iteration: ([\d.]+)%", out)
+    sfpo = rows["SFPO, off_policy_steps=0"]
+    expected = 100 * float(sfpo["rollout s"]) / float(sfpo["s/iteration"])
+    assert float(share[1]) == pytest.approx(expected, abs=0.1 + 0.1 * expected / 100)
+    last = re.fullmatch(
+        r"off-policy overlap speed-up: ([\d.]+)x \(SFPO\), ([\d.]+)x \(GRPO\)",
+        out.strip().splitlines()[-1],
+    )
+    assert last
+    for value, algorithm in zip(last.groups(), ("SFPO", "GRPO"), strict=True):
+        ratio = float(rows[f"{algorithm}, off_policy_steps=0"]["s/iteration"]) / float(
+            rows[f"{algorithm}, off_policy_steps=1"]["s/iteration"]
+        )
+        assert float(value) == pytest.approx(ratio, rel=0.01)
+    staleness = [
+        json.loads(line)["rollout_staleness"]
+        for line in (tmp_path / "sfpo_off_policy_1/metrics.jsonl").open()
+    ]
+    assert staleness == [0, 1, 1]
 
 
 def test_bench_weight_sync_tiny_cpu():
