@@ -24,9 +24,11 @@ WANDB_ID_FILE = "wandb_id"
 
 # Top-level phases of an iteration (they add up to about ``seconds``) and their short names.
 # SFPO's time_fast (snapshot included: time_snapshot) / time_reposition / time_slow are parts
-# of time_update, so not listed.
+# of time_update, so not listed. One step off-policy, rollout and reward ran beside the
+# previous iteration's training; time_rollout_wait is what that iteration waited for them.
 PHASES = {
     "time_rollout": "rollout",
+    "time_rollout_wait": "waited",
     "time_reward": "reward",
     "time_old_logprobs": "logp",
     "time_update": "update",
