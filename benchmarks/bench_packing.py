@@ -73,10 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_shape_args(parser)
-    parser.add_argument("--rows", type=int, default=32, help="sequences in the batch")
+    parser.add_argument("--rows", type=int, default=64, help="sequences in the batch")
     parser.add_argument("--max-response", type=int, default=1024)
     parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls after 1 warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls after 1 warm-up")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.preset is None and not torch.cuda.is_available():
