@@ -64,7 +64,7 @@ SIZES = dict(
     prompts=32, samples=8, prompt_len=256, response_len=1024, micro_batch_size=4, iterations=4
 )
 OFF_POLICY_SIZES = dict(
-    prompts=8, samples=4, prompt_len=16, response_len=48, micro_batch_size=4, iterations=6
+    prompts=8, samples=4, prompt_len=16, response_len=64, micro_batch_size=4, iterations=6
 )
 """The overlap comparison's defaults: a rollout phase of about half a sequential SFPO
 iteration with the tiny preset on the 2-core CPU."""
