@@ -133,6 +133,9 @@ def _extension_build() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extension_build()
 
+# Model Optimizer 0.47 imports requests without declaring it.
+FP8 = ["nvidia-modelopt>=0.47,<0.48", "requests>=2,<3"]
+
 setup(
     name="sfpo-megatron",
     version="0.1.0",
@@ -151,18 +154,19 @@ setup(
         "psutil>=5.9,<8",
     ],
     extras_require={
+        # The tests compare the fp8 quantizer with Model Optimizer's reference bit for bit.
         "test": [
             "pytest>=8,<10",
             "ruff>=0.17,<0.18",
             "pyarrow>=14,<27",
             "matplotlib>=3.8,<4",
             "tensorboard>=2.15,<3",
+            *FP8,
         ],
         "parquet": ["pyarrow>=14,<27"],
         "plot": ["matplotlib>=3.8,<4"],
         "sglang": ["sglang==0.5.23"],
-        # Model Optimizer 0.47 imports requests without declaring it.
-        "fp8": ["nvidia-modelopt>=0.47,<0.48", "requests>=2,<3"],
+        "fp8": FP8,
     },
     entry_points={"console_scripts": ["sfpo-megatron = sfpo_megatron.cli:main"]},
     ext_modules=ext_modules,

@@ -133,11 +133,13 @@ def test_export_buckets_are_bounded(hf_runs):
 # ---------------------------------------------------------------- errors write nothing
 
 
-def export_cli(config_dir, out, *overrides):
-    """``export-hf`` of a config naming only the model (model.dtype: the default bf16)."""
+def export_cli(config_dir, out, *overrides, path_before=()):
+    """``export-hf`` of a config naming only the model (model.dtype: the default bf16);
+    ``path_before``: directories searched for modules before the checkout."""
     cfg = config_dir / "run.yaml"
     cfg.write_text(f"model:\n  hf_config: {config_dir}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([*map(str, path_before), str(REPO)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "sfpo_megatron.cli", "export-hf", str(cfg), str(out), *overrides],
         env=env,

@@ -67,12 +67,18 @@ def test_modelopt_fp8_export_is_our_quantizer_per_tensor(tmp_path):
     assert exported["model.embed_tokens.weight"].dtype == torch.float32
 
 
-@pytest.mark.skipif(HAS_MODELOPT, reason="checks the error without nvidia-modelopt")
 def test_export_cli_without_modelopt_names_the_extra(tmp_path):
+    """Without Model Optimizer (here a stand-in package that fails to import, whether or not
+    it is installed) the export stops before any work, naming the extra."""
     from test_hf_checkpoint import export_cli
 
+    absent = tmp_path / "absent" / "modelopt"
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text("raise ImportError(\"No module named 'modelopt'\")\n")
     save_random_hf_model(tmp_path / "model", "qwen2")
-    proc = export_cli(tmp_path / "model", tmp_path / "out", "--quantize", "fp8")
+    proc = export_cli(
+        tmp_path / "model", tmp_path / "out", "--quantize", "fp8", path_before=[absent.parent]
+    )
     assert proc.returncode == 2 and "pip install '.[fp8]'" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.glob("out*"))
 
