@@ -202,10 +202,11 @@ def test_bench_iteration_off_policy_tiny_cpu(tmp_path):
     )
     assert last
     for value, algorithm in zip(last.groups(), ("SFPO", "GRPO"), strict=True):
-        ratio = float(rows[f"{algorithm}, off_policy_steps=0"]["s/iteration"]) / float(
-            rows[f"{algorithm}, off_policy_steps=1"]["s/iteration"]
-        )
-        assert float(value) == pytest.approx(ratio, rel=0.01)
+        sequential = float(rows[f"{algorithm}, off_policy_steps=0"]["s/iteration"])
+        overlapped = float(rows[f"{algorithm}, off_policy_steps=1"]["s/iteration"])
+        ratio = sequential / overlapped
+        rounding = ratio * (0.0005 / sequential + 0.0005 / overlapped) + 0.005  # 3 and 2 digits
+        assert float(value) == pytest.approx(ratio, abs=rounding)
     staleness = [
         json.loads(line)["rollout_staleness"]
         for line in (tmp_path / "sfpo_off_policy_1/metrics.jsonl").open()
