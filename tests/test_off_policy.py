@@ -48,6 +48,7 @@ def off_policy(server, **extra) -> dict:
         "rollout.server_urls": f"[{server.url}]",
         "rollout.sync_address": "127.0.0.1",
         "rollout.sync_port": free_ports(),
+        "eval.interval": 0,
         **extra,
     }
 
