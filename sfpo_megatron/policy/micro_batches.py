@@ -52,30 +52,17 @@ def real_lengths(batch: PolicyBatch) -> list[int]:
     return (positions * mask).amax(dim=1).tolist()
 
 
-def _lightest_first(loads: list[int]) -> list[tuple[int, int]]:
-    heap = [(load, index) for index, load in enumerate(loads)]
-    heapq.heapify(heap)
-    return heap
-
-
 def spread_over_ranks(lengths: list[int], ranks: int) -> list[list[int]]:
     """Rows per data-parallel rank with token totals as even as greedy allows: longest row
     first, each onto the rank with the fewest tokens so far (rows without tokens skipped)."""
-    heap = _lightest_first([0] * ranks)
-    assigned: list[list[int]] = [[] for _ in range(ranks)]
-    for row in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[row] == 0:
-            continue
-        load, rank = heapq.heappop(heap)
-        assigned[rank].append(row)
-        heapq.heappush(heap, (load + lengths[row], rank))
-    return [sorted(rows) for rows in assigned]
+    rows = [row for row, n in enumerate(lengths) if n > 0]
+    return _fill(rows, lengths, ranks, math.inf)
 
 
-def _fill(rows: list[int], lengths: list[int], bins: int, budget: int) -> list[list[int]] | None:
+def _fill(rows: list[int], lengths: list[int], bins: int, budget: float) -> list[list[int]] | None:
     """``rows`` in ``bins`` bins of at most ``budget`` tokens, longest first onto the
     lightest bin; None when a row does not fit there."""
-    heap = _lightest_first([0] * bins)
+    heap = [(0, index) for index in range(bins)]  # (tokens, bin): a heap as it stands
     out: list[list[int]] = [[] for _ in range(bins)]
     for row in sorted(rows, key=lambda i: (-lengths[i], i)):
         load, index = heapq.heappop(heap)
