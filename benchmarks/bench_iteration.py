@@ -176,16 +176,18 @@ def phase_means(directory: Path, warmup: int) -> dict[str, float]:
     return means
 
 
-def train_with_server(config: Path, directory: Path, overrides: list[str]) -> None:
+def train_with_server(
+    config: Path, directory: Path, overrides: list[str], hf_dir: Path | None = None
+) -> None:
     """One training run whose rollouts come from an embedded-engine server process (both at
-    one thread)."""
+    one thread) serving the model at ``hf_dir`` (default: the config's directory)."""
     from sfpo_megatron.launch.parallel import free_port
     from sfpo_megatron.rollout.launcher import ServerProcess, embedded_command
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = embedded_command(str(config.parent), port)
+    command = embedded_command(str(hf_dir or config.parent), port)
     os.environ["OMP_NUM_THREADS"] = "1"  # the server process's environment is this one's
     server = ServerProcess(command, url, directory / "server.log", 120, request_timeout_s=600)
     server.start()

@@ -35,7 +35,8 @@ class TrainConfig:
     off_policy_steps: Literal[0, 1] = 0
     """1: generate the next batch while the actor trains on this one (with the weights of
     one update before: samples are at most one version stale); 0: one phase after another.
-    Needs rollouts in other processes on other devices (``rollout.engine: servers``)."""
+    Needs rollouts in other processes on other devices (``rollout.engine: servers``). Pair
+    it with ``algorithm.rollout_correction: tis``, which kept the demo's accuracy."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts
     until ``prompts_per_step`` groups have signal (or ``max_sampling_rounds`` is reached)."""
