@@ -6,10 +6,10 @@ rollout budget, over seeds (issue 19).
 Trains ``examples/configs/demo.yaml`` once per (setting, seed), ``model.seed`` and
 ``data.seed`` set to the seed, dynamic sampling off (every run generates the same number of
 rollouts), the rollouts coming from the embedded engine's server in a process of its own
-(``rollout.engine: servers``) for both settings. ``--off`` adds overrides to the off-policy
-runs only (for example ``--off algorithm.rollout_correction=tis``); the trailing ones go to
-every run. A finished run's directory is reused, so an interrupted comparison goes on where it
-stopped. Last line: ``off-policy demo accuracy: XX% of on-policy (seeds ...)``.
+(``rollout.engine: servers``) for both settings. ``--off KEY=VALUE`` (repeatable) overrides
+the off-policy runs only, for example ``--off algorithm.rollout_correction=tis``; the trailing
+overrides go to every run. A finished run's directory is reused, so an interrupted comparison
+goes on where it stopped. Last line: ``off-policy demo accuracy: XX% of on-policy (seeds ...)``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def summary(records: list[dict]) -> dict[str, float]:
     """Final eval accuracy (avg@k macro), the mean rollout log-prob gap and the training
     seconds (iterations only, without evaluations)."""
     evals = [r["eval/macro"] for r in records if "eval/macro" in r]
+    if not evals:
+        raise SystemExit("a run without evaluations (eval.interval: 0) has no final accuracy")
     trained = [r for r in records if "seconds" in r]
     gaps = [r["rollout_logprob_gap"] for r in trained]
     return {
@@ -64,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "off_policy")
-    parser.add_argument("--off", nargs="*", default=[], help="overrides for off-policy runs")
+    parser.add_argument(
+        "--off", action="append", default=[], metavar="KEY=VALUE", help="off-policy runs only"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
@@ -84,13 +88,16 @@ def main() -> None:
         finals = " | ".join(f"{r['final']:.3f}" for r in rows)
         gap = sum(r["gap"] for r in rows) / len(rows)
         seconds = sum(r["seconds"] for r in rows) / len(rows)
-        share = 100 * means[name] / means["on-policy"]
-        print(
-            f"| {name} | {finals} | {means[name]:.3f} | {share:.0f}% | {gap:.3g} | {seconds:.0f} |"
-        )
-    share = 100 * means["off-policy"] / means["on-policy"]
+        share = percent(means[name], means["on-policy"])
+        print(f"| {name} | {finals} | {means[name]:.3f} | {share} | {gap:.3g} | {seconds:.0f} |")
+    share = percent(means["off-policy"], means["on-policy"])
     seeds = " ".join(map(str, args.seeds))
-    print(f"\noff-policy demo accuracy: {share:.0f}% of on-policy (seeds {seeds})")
+    print(f"\noff-policy demo accuracy: {share} of on-policy (seeds {seeds})")
+
+
+def percent(value: float, reference: float) -> str:
+    """``value`` as a share of ``reference`` (n/a when the on-policy runs solved nothing)."""
+    return f"{100 * value / reference:.0f}%" if reference > 0 else "n/a"
 
 
 if __name__ == "__main__":
