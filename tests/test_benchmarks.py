@@ -264,3 +264,30 @@ def test_bench_packing_tiny_cpu():
     assert last, out.strip().splitlines()[-1]
     assert float(last[1]) > 0 and float(last[2]) > 0  # timings: the benchmark's to judge
     assert (last[3], last[4]) == (padded["processed/useful"], packed["processed/useful"])
+
+
+def test_off_policy_demo_reuses_finished_runs(tmp_path):
+    """Finished runs in --out are read, not retrained; the table's means, shares, gaps and
+    training seconds (evaluations left out) follow from their metrics."""
+    finals = {("on-policy", 1): 0.5, ("on-policy", 2): 0.4}
+    finals |= {("off-policy", 1): 0.45, ("off-policy", 2): 0.36}
+    for (name, seed), final in finals.items():
+        directory = tmp_path / f"{name}-{seed}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps({"train": {"iterations": 2}}))
+        gap = 0.2 if name == "off-policy" else 0.0
+        records = [
+            {"iteration": 1, "seconds": 3.0, "rollout_logprob_gap": gap},
+            {"iteration": 2, "seconds": 5.0, "rollout_logprob_gap": 2 * gap},
+        ]
+        records[-1].update({"eval/macro": final, "time_eval": 1.0})
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = run_script("off_policy_demo.py", "--seeds", "1", "2", "--out", str(tmp_path))
+    rows = {row["run"]: row for row in table(out)}
+    assert rows["on-policy"]["mean"] == "0.450" and rows["on-policy"]["% of on-policy"] == "100%"
+    assert rows["off-policy"]["mean"] == "0.405" and rows["off-policy"]["% of on-policy"] == "90%"
+    assert rows["off-policy"]["seed 2 final eval"] == "0.360"
+    assert float(rows["off-policy"]["log-prob gap"]) == pytest.approx(0.3)
+    assert rows["on-policy"]["training s"] == "7"  # 3 + 5 - 1 s of evaluation
+    assert out.strip().splitlines()[-1] == "off-policy demo accuracy: 90% of on-policy (seeds 1 2)"
+    assert not list(tmp_path.glob("*/server.log"))
