@@ -136,7 +136,7 @@ def assert_same_samples(got: list[Sample], expected: list[Sample]) -> None:
     assert [s.finish_reason for s in got] == [s.finish_reason for s in expected]
     for a, b in zip(got, expected, strict=True):
         a, b = torch.tensor(a.output_logprobs), torch.tensor(b.output_logprobs)
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32, other batch shapes
 
 
 def test_continuous_batching_gives_the_static_samples(setup):
