@@ -20,8 +20,10 @@ import shutil
 from pathlib import Path
 
 from bench_iteration import train_with_server
-from sfpo_vs_grpo import DEMO, REPO
+from sfpo_vs_grpo import DEMO, REPO, seed_overrides
 
+from sfpo_megatron.config import load_config
+from sfpo_megatron.models.arch import hf_directory
 from sfpo_megatron.training.metrics import read_metrics
 
 SETTINGS = {"on-policy": ["train.off_policy_steps=0"], "off-policy": ["train.off_policy_steps=1"]}
@@ -29,22 +31,26 @@ SETTINGS = {"on-policy": ["train.off_policy_steps=0"], "off-policy": ["train.off
 
 def train_demo(directory: Path, seed: int, overrides: list[str]) -> list[dict]:
     """The run's metrics records, training it first unless it finished before."""
-    metrics = directory / "metrics.jsonl"
-    if not finished(directory):
+    records = finished_records(directory)
+    if records is None:
         shutil.rmtree(directory, ignore_errors=True)
-        seeds = [f"model.seed={seed}", f"data.seed={seed}", "train.dynamic_sampling=false"]
-        hf_dir = REPO / "examples" / "models" / "tiny-digits"
-        train_with_server(DEMO, directory, seeds + overrides, hf_dir)
-    return read_metrics(metrics)
+        overrides = [*seed_overrides(seed), "train.dynamic_sampling=false", *overrides]
+        hf_dir = hf_directory(load_config(DEMO).model.hf_config)
+        train_with_server(DEMO, directory, overrides, hf_dir)
+        records = read_metrics(directory / "metrics.jsonl")
+    return records
 
 
-def finished(directory: Path) -> bool:
-    """The run in ``directory`` evaluated its last iteration (its config.json says which)."""
+def finished_records(directory: Path) -> list[dict] | None:
+    """The metrics records of the run in ``directory`` if it evaluated its last iteration
+    (its config.json says which), else None."""
     config, metrics = directory / "config.json", directory / "metrics.jsonl"
     if not (config.exists() and metrics.exists()):
-        return False
+        return None
     last = json.loads(config.read_text())["train"]["iterations"]
-    return any(r.get("iteration") == last and "eval/macro" in r for r in read_metrics(metrics))
+    records = read_metrics(metrics)
+    done = any(r.get("iteration") == last and "eval/macro" in r for r in records)
+    return records if done else None
 
 
 def summary(records: list[dict]) -> dict[str, float]:

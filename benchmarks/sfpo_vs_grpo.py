@@ -23,12 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "examples" / "configs" / "demo.yaml"
 
 
+def seed_overrides(seed: int) -> list[str]:
+    """A run's seed: the model's initialisation and the data's order and sampling."""
+    return [f"model.seed={seed}", f"data.seed={seed}"]
+
+
 def run(algorithm: str, seed: int, out: Path, overrides: list[str]) -> Path:
     directory = out / f"{algorithm}-{seed}"
     if not (directory / "metrics.jsonl").exists():
         subprocess.run(
             [sys.executable, "-m", "sfpo_megatron.cli", "train", str(DEMO)]
-            + [f"algorithm.name={algorithm}", f"model.seed={seed}", f"data.seed={seed}"]
+            + [f"algorithm.name={algorithm}", *seed_overrides(seed)]
             + [f"logging.output_dir={directory}", *overrides],
             check=True,
             stdout=subprocess.DEVNULL,
